@@ -1,0 +1,1 @@
+"""Models: exact analytic oracles (``models.analytic``) and, later, Flax score networks."""

@@ -1,0 +1,10 @@
+"""Diffusion ODE/SDE solvers in JAX: schedules, predictions, grids, solvers and the one sampling loop."""
+from solvers import base, grids, predictions, schedules
+from solvers import ddim  # noqa: F401  (registers its solvers)
+from solvers.base import available, get, register
+from solvers.grids import Grid
+from solvers.predictions import Denoiser, Guided, Thresholded
+from solvers.loop import Solution, sample
+
+__all__ = ["available", "get", "register", "sample", "Solution", "Grid", "Denoiser", "Guided",
+           "Thresholded", "base", "grids", "predictions", "schedules"]

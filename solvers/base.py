@@ -1,0 +1,71 @@
+"""The solver protocol, the shared state, and the registry that turns names into solvers.
+
+A solver is a frozen (hashable) dataclass with
+- ``order``: its declared global order; ``stochastic``: whether it draws noise;
+- ``coefficients(grid)``: everything that depends only on the grid, as arrays with a leading axis of
+  ``grid.capacity - 1`` (one row per step), computed once outside the loop in the grid's dtype;
+- ``init(denoiser, schedule, grid, x, key)``: the initial state, a NamedTuple with at least ``x``
+  and ``nfe`` (model evaluations so far);
+- ``step(denoiser, schedule, grid, coeffs, i, state)``: one pure step from node i to node i + 1, where
+  ``coeffs`` is row i of the table. It must keep the state's shapes and dtypes.
+"""
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class State(NamedTuple):
+  """The state of a one-step solver: the sample, the NFE so far and the PRNG key."""
+  x: jnp.ndarray
+  nfe: jnp.ndarray
+  key: Any
+
+
+def compute_dtype(x):
+  """Solver arithmetic runs in x's dtype, but never below float32 (bf16 samples step in float32)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def cast_coefficients(coeffs, x):
+  """Casts a row of float64 coefficients to the dtype the step computes in."""
+  return jax.tree_util.tree_map(lambda c: jnp.asarray(c, compute_dtype(x)), coeffs)
+
+
+def step_key(key, i):
+  """The key of step i: samples do not depend on how many steps were taken before the draw."""
+  return jax.random.fold_in(key, i)
+
+
+class Solver:
+  """Base class: subclasses are frozen dataclasses registered by name."""
+  order: int = 1
+  stochastic: bool = False
+
+  def init(self, denoiser, schedule, grid, x, key):
+    return State(x=x, nfe=jnp.zeros((), jnp.int32), key=key)
+
+
+_REGISTRY = {}
+
+
+def register(name, factory):
+  """Registers ``factory`` (a Solver class or a function returning a solver) under ``name``."""
+  if name in _REGISTRY:
+    raise ValueError(f"solver name {name!r} is already registered")
+  _REGISTRY[name] = factory
+  return factory
+
+
+def available():
+  """The registered solver names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def get(name, **options):
+  """The solver registered as ``name``, with ``options`` overriding its defaults."""
+  if name not in _REGISTRY:
+    raise ValueError(f"solver {name!r} is unknown; valid: {', '.join(available())}")
+  solver = _REGISTRY[name]()
+  return dataclasses.replace(solver, **options) if options else solver

@@ -1,0 +1,80 @@
+"""The one sampling loop: a single jitted driver for every registered solver.
+
+The grid arrives padded to its capacity; ``lax.scan`` runs capacity - 1 iterations and a ``lax.cond``
+on ``i < grid.num_steps`` skips the padding without a model call. The step count is therefore data,
+not a compile-time constant: one compilation serves every NFE up to the capacity at a given shape,
+new params, keys and grids never recompile, and the loop is reverse-mode differentiable and vmappable.
+With ``jax.disable_jit()`` the same code runs as a host-side Python loop (the debug path).
+"""
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from solvers import base
+from solvers import grids as grids_lib
+
+_TRACES = [0]  # incremented each time the loop is traced (= compiled); read by tests and the benchmark
+
+
+def trace_count():
+  """How many times the sampling loop has been traced in this process."""
+  return _TRACES[0]
+
+
+class Solution(NamedTuple):
+  x: jnp.ndarray                     # the final sample
+  nfe: jnp.ndarray                   # model evaluations actually made
+  trajectory: Optional[jnp.ndarray]  # (capacity, *x.shape): x at every node; padding repeats the end
+
+
+def _run(solver, denoiser, schedule, grid, x, key, return_trajectory):
+  _TRACES[0] += 1
+  coeffs = solver.coefficients(grid)
+  state = solver.init(denoiser, schedule, grid, x, key)
+
+  def body(state, row):
+    i, c = row
+    state = jax.lax.cond(i < grid.num_steps,
+                         lambda s: solver.step(denoiser, schedule, grid, c, i, s),
+                         lambda s: s, state)
+    return state, (state.x if return_trajectory else None)
+
+  steps = jnp.arange(grid.capacity - 1)
+  state, xs = jax.lax.scan(body, state, (steps, coeffs))
+  trajectory = jnp.concatenate([x[None], xs]) if return_trajectory else None
+  return Solution(x=state.x, nfe=state.nfe, trajectory=trajectory)
+
+
+_run_jit = jax.jit(_run, static_argnames=("solver", "return_trajectory"))
+
+
+def _check_dtype(x):
+  dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+  if not np.issubdtype(dtype, np.floating):
+    raise ValueError(f"x_T has dtype {dtype}; a floating dtype is required")
+  if dtype == np.float64 and not jax.config.jax_enable_x64:
+    raise ValueError("x_T has dtype float64 but jax_enable_x64 is off, so JAX would silently compute in "
+                     "float32; enable it with jax.config.update('jax_enable_x64', True) or pass float32")
+  return dtype
+
+
+def sample(solver, denoiser, schedule, grid, x_T, *, key=None, return_trajectory=False):
+  """Integrates from x_T along ``grid`` with ``solver`` (an object or a registered name).
+
+  Returns a ``Solution(x, nfe, trajectory)``. ``key`` is required by stochastic solvers; vmap this
+  function over keys (and x_T) for per-sample randomness.
+  """
+  if isinstance(solver, str):
+    solver = base.get(solver)
+  if not isinstance(grid, grids_lib.Grid):
+    raise ValueError(f"grid must be a solvers.grids.Grid (build one with solvers.grids), got {type(grid).__name__}")
+  if not hasattr(denoiser, "predict"):
+    raise ValueError(f"denoiser must have a predict(kind, x, t, schedule) method, got {type(denoiser).__name__}")
+  dtype = _check_dtype(x_T)
+  if key is None:
+    if solver.stochastic:
+      raise ValueError(f"{type(solver).__name__} is stochastic: pass key=jax.random.key(seed)")
+    key = jax.random.key(0)
+  return _run_jit(solver, denoiser, schedule, grid, jnp.asarray(x_T, dtype), key, return_trajectory)
