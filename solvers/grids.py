@@ -71,24 +71,24 @@ def _validate_times(schedule, times, final, round_to_integers):
     raise ValueError(f"a grid needs a 1-D array of times, got shape {t.shape}")
   bad = np.flatnonzero(~np.isfinite(t))
   if bad.size:
-    raise ValueError(f"grid time t[{bad[0]}]={t[bad[0]]!r} is not finite")
+    raise ValueError(f"grid time t[{bad[0]}]={float(t[bad[0]])!r} is not finite")
   lo, hi = float(schedule.t_min), float(schedule.t_max)
   tol = 1e-9 * max(1.0, abs(hi))
   out = np.flatnonzero((t < lo - tol) | (t > hi + tol))
   if out.size:
-    raise ValueError(f"grid time t[{out[0]}]={t[out[0]]!r} is outside the schedule's range [{lo}, {hi}]")
+    raise ValueError(f"grid time t[{out[0]}]={float(t[out[0]])!r} is outside the schedule's range [{lo}, {hi}]")
   if round_to_integers:
     rounded = np.round(t)
     dup = np.flatnonzero(np.diff(rounded) == 0)
     if dup.size:
-      raise ValueError(f"grid times t[{dup[0]}]={t[dup[0]]!r} and t[{dup[0] + 1}]={t[dup[0] + 1]!r} round to the "
+      raise ValueError(f"grid times t[{dup[0]}]={float(t[dup[0]])!r} and t[{dup[0] + 1}]={float(t[dup[0] + 1])!r} round to the "
                        f"same integer {rounded[dup[0]]:g}; use fewer steps or another spacing")
     t = rounded
   if t.size > 1:
     d = np.diff(t)
     if not (np.all(d < 0) or np.all(d > 0)):
       i = int(np.flatnonzero(d >= 0)[0] if d[0] < 0 else np.flatnonzero(d <= 0)[0])
-      raise ValueError(f"grid times must be strictly monotone: t[{i}]={t[i]!r}, t[{i + 1}]={t[i + 1]!r}")
+      raise ValueError(f"grid times must be strictly monotone: t[{i}]={float(t[i])!r}, t[{i + 1}]={float(t[i + 1])!r}")
     if final == "zero" and d[0] > 0:
       raise ValueError("final='zero' needs a decreasing (sampling-direction) grid")
   return t
@@ -159,8 +159,17 @@ def quadratic_t(schedule, num_steps, *, t_start=None, t_end=None, final="t_end",
                     final=final, capacity=capacity)
 
 
-def _times_of_lambda(schedule, lam):
-  return np.array(schedule.t_of_lambda(jnp.asarray(lam, schedules_lib.table_dtype())), np.float64)
+def _times_of_lambda(schedule, lam, capacity):
+  """t(lambda) on the host; evaluated on an array padded to ``capacity`` so that every step count of one
+  capacity reuses the same compiled kernels."""
+  lam = np.asarray(lam, np.float64)
+  padded = np.pad(lam, (0, max(capacity - lam.size, 0)), mode="edge")
+  t = schedule.t_of_lambda(jnp.asarray(padded, schedules_lib.table_dtype()))
+  return np.array(t, np.float64)[: lam.size]
+
+
+def _capacity(num_times, final, capacity):
+  return default_capacity(num_times + (1 if final == "zero" else 0)) if capacity is None else int(capacity)
 
 
 def uniform_logsnr(schedule, num_steps, *, t_start=None, t_end=None, final="t_end", capacity=None):
@@ -171,7 +180,7 @@ def uniform_logsnr(schedule, num_steps, *, t_start=None, t_end=None, final="t_en
     raise ValueError(f"uniform_logsnr needs finite lambda at both ends; lambda({t_start})={lam_start}, "
                      f"lambda({t_end})={lam_end}: move t_start / t_end inside the schedule")
   u = _fractions(_num_times(num_steps, final))
-  times = _times_of_lambda(schedule, lam_start + (lam_end - lam_start) * u)
+  times = _times_of_lambda(schedule, lam_start + (lam_end - lam_start) * u, _capacity(u.size, final, capacity))
   times[0], times[-1] = t_start, t_end  # exact endpoints despite round-off in t(lambda)
   return from_times(schedule, times, final=final, capacity=capacity)
 
@@ -190,7 +199,7 @@ def karras(schedule, num_steps, *, sigma_min=None, sigma_max=None, rho=7.0, fina
     raise ValueError(f"rho={rho!r} must be positive")
   u = _fractions(_num_times(num_steps, final))
   rhos = (hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-  times = _times_of_lambda(schedule, -np.log(rhos))
+  times = _times_of_lambda(schedule, -np.log(rhos), _capacity(u.size, final, capacity))
   if sigma_max is None:
     times[0] = schedule.t_max
   if sigma_min is None:

@@ -293,6 +293,12 @@ class Flow(Schedule):
   t_max: float = static_field(default=1.0)
   zero_sigma_t = 0.0
 
+  def alpha(self, t):
+    return 1.0 - t  # direct, so that derivatives stay finite at t = 1
+
+  def sigma(self, t):
+    return t
+
   def log_alpha(self, t):
     return jnp.log1p(-t)
 

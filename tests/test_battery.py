@@ -1,0 +1,167 @@
+"""The battery every registered solver must pass; a solver joins it by being registered.
+
+- declared order on the closed-form Gaussian (slope of log error vs log step count, doubling sweep);
+- the state keeps its shapes and dtypes across a step;
+- no recompilation for new params, key, or grid of the same capacity (any step count);
+- the same result with jax.disable_jit();
+- reported NFE equals the model calls counted;
+- no NaN/Inf for 1..20 steps with both final-step policies, in float32;
+- vmap over samples and per-sample keys; gradients w.r.t. model params and x_T match finite differences.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import solvers
+from models import analytic
+from solvers import grids, loop, predictions, schedules
+
+ALL = solvers.available()
+DETERMINISTIC = [name for name in ALL if not solvers.get(name).stochastic]
+STEPS = (10, 20, 40, 80)
+ORDER_TOLERANCE = 0.3
+
+SCHEDULE = schedules.VPLinear()
+
+
+def _gaussian():
+  return analytic.gaussian(dim=4, seed=3)
+
+
+def _x_T(oracle, n=8, seed=1, dtype=jnp.float64):
+  t = SCHEDULE.t_max
+  return oracle.sample(jax.random.key(seed), n, SCHEDULE.alpha(t), SCHEDULE.sigma(t)).astype(dtype)
+
+
+def _run(name, denoiser, grid, x, key=0, **kwargs):
+  return solvers.sample(name, denoiser, SCHEDULE, grid, x, key=jax.random.key(key), **kwargs)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_declared_order_on_gaussian(name):
+  oracle = _gaussian()
+  x = _x_T(oracle)
+  errors = []
+  for steps in STEPS:
+    grid = grids.uniform_logsnr(SCHEDULE, steps, capacity=128)
+    exact = oracle.pf_ode_solution(x, grid.alpha[0], grid.sigma[0], grid.alpha[steps], grid.sigma[steps])
+    sol = _run(name, oracle.denoiser(SCHEDULE), grid, x)
+    errors.append(float(jnp.sqrt(jnp.mean((sol.x - exact) ** 2))))
+  slope = -np.polyfit(np.log(STEPS), np.log(errors), 1)[0]
+  declared = solvers.get(name).order
+  assert abs(slope - declared) <= ORDER_TOLERANCE, (name, declared, slope, errors)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("name", ALL)
+def test_state_keeps_shape_and_dtype(name, dtype):
+  solver, oracle = solvers.get(name), _gaussian()
+  grid = grids.uniform_logsnr(SCHEDULE, 5)
+  x = _x_T(oracle, dtype=dtype)
+  state = solver.init(oracle.denoiser(SCHEDULE), SCHEDULE, grid, x, jax.random.key(0))
+  coeffs = solver.coefficients(grid)
+  for i in range(3):
+    row = jax.tree_util.tree_map(lambda c, i=i: c[i], coeffs)
+    new = solver.step(oracle.denoiser(SCHEDULE), SCHEDULE, grid, row, i, state)
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(state)
+    for before, after in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(new)):
+      assert jnp.shape(before) == jnp.shape(after)
+      assert jnp.result_type(before) == jnp.result_type(after)
+    state = new
+  assert state.x.dtype == dtype
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_recompile_for_new_params_key_or_grid(name):
+  oracle = _gaussian()
+  x = _x_T(oracle)
+  _run(name, oracle.denoiser(SCHEDULE), grids.uniform_logsnr(SCHEDULE, 10), x, key=0)
+  before = loop.trace_count()
+  other = analytic.Gaussian(mean=oracle.mean + 0.5, std=oracle.std * 1.1)
+  _run(name, other.denoiser(SCHEDULE), grids.uniform_logsnr(SCHEDULE, 10), x, key=1)
+  _run(name, oracle.denoiser(SCHEDULE), grids.uniform_t(SCHEDULE, 10, t_end=0.01), x, key=2)
+  _run(name, oracle.denoiser(SCHEDULE), grids.karras(SCHEDULE, 17), x, key=3)
+  _run(name, oracle.denoiser(SCHEDULE), grids.uniform_logsnr(SCHEDULE, 10, final="zero"), x + 0.1, key=4)
+  assert loop.trace_count() == before
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_result_without_jit(name):
+  oracle = _gaussian()
+  x = _x_T(oracle, n=2)
+  grid = grids.uniform_logsnr(SCHEDULE, 4, capacity=8)
+  jitted = _run(name, oracle.denoiser(SCHEDULE), grid, x)
+  with jax.disable_jit():
+    eager = _run(name, oracle.denoiser(SCHEDULE), grid, x)
+  np.testing.assert_allclose(eager.x, jitted.x, rtol=1e-12, atol=1e-12)
+  assert int(eager.nfe) == int(jitted.nfe)
+
+
+def _counting_denoiser(oracle, counter):
+  inner = oracle.denoiser(SCHEDULE)
+
+  def apply_fn(params, x, label, cond):
+    jax.debug.callback(lambda: counter.__setitem__(0, counter[0] + 1))
+    return inner.apply_fn(params, x, label, cond)
+
+  return predictions.Denoiser(apply_fn=apply_fn, params=inner.params, prediction=inner.prediction)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reported_nfe_equals_model_calls(name):
+  oracle, counter = _gaussian(), [0]
+  denoiser = _counting_denoiser(oracle, counter)
+  for steps, final in ((3, "t_end"), (7, "zero")):
+    counter[0] = 0
+    sol = _run(name, denoiser, grids.uniform_logsnr(SCHEDULE, steps, final=final), _x_T(oracle))
+    jax.effects_barrier()
+    assert int(sol.nfe) == counter[0] > 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_finite_for_every_step_count_and_final_policy(name):
+  oracle = analytic.gmm(dim=4, seed=2)
+  x = _x_T(oracle, dtype=jnp.float32)
+  for final in grids.FINAL_POLICIES:
+    for steps in range(1, 21):
+      sol = _run(name, oracle.denoiser(SCHEDULE), grids.uniform_logsnr(SCHEDULE, steps, final=final), x)
+      assert sol.x.dtype == jnp.float32
+      assert bool(jnp.all(jnp.isfinite(sol.x))), (name, final, steps)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_vmap_over_samples_and_keys(name):
+  oracle = _gaussian()
+  x = _x_T(oracle, n=4)
+  grid = grids.uniform_logsnr(SCHEDULE, 6)
+  keys = jax.random.split(jax.random.key(7), 4)
+
+  def one(x1, key):
+    return solvers.sample(name, oracle.denoiser(SCHEDULE), SCHEDULE, grid, x1[None], key=key).x[0]
+
+  batched = jax.vmap(one)(x, keys)
+  looped = jnp.stack([one(x[i], keys[i]) for i in range(4)])
+  np.testing.assert_allclose(batched, looped, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_match_finite_differences(name):
+  oracle = _gaussian()
+  x = _x_T(oracle, n=3)
+  grid = grids.uniform_logsnr(SCHEDULE, 5)
+  weights = jnp.linspace(0.5, 1.5, x.size).reshape(x.shape)
+
+  def loss(mean, x_T):
+    model = analytic.Gaussian(mean=mean, std=oracle.std)
+    sol = _run(name, model.denoiser(SCHEDULE), grid, x_T, key=5)
+    return jnp.sum(weights * sol.x**2)
+
+  g_mean, g_x = jax.grad(loss, argnums=(0, 1))(oracle.mean, x)
+  d_mean = jax.random.normal(jax.random.key(0), oracle.mean.shape, x.dtype)
+  d_x = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+  eps = 1e-6
+  fd_mean = (loss(oracle.mean + eps * d_mean, x) - loss(oracle.mean - eps * d_mean, x)) / (2 * eps)
+  fd_x = (loss(oracle.mean, x + eps * d_x) - loss(oracle.mean, x - eps * d_x)) / (2 * eps)
+  np.testing.assert_allclose(jnp.sum(g_mean * d_mean), fd_mean, rtol=1e-6)
+  np.testing.assert_allclose(jnp.sum(g_x * d_x), fd_x, rtol=1e-6)
