@@ -1,0 +1,67 @@
+"""The main job: solver-order convergence study (RMSE vs NFE) on the analytic Gaussian and GMM.
+
+  python -m experiments.convergence --workdir=/tmp/conv [--solvers=ddim,ddim_eps] [--nfe=5,10,20]
+
+Outputs in --workdir: config.json, results.json, metrics.jsonl, table.txt, convergence.png.
+"""
+from absl import app, flags
+
+from experiments import convergence_lib as lib
+from solvers import grids
+
+_D = lib.Config()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (created if missing). Required.", required=True)
+_SOLVERS = flags.DEFINE_list("solvers", None, "Comma list of registered solver names; default: every "
+                             "registered solver that is not stochastic.")
+_NFE = flags.DEFINE_list("nfe", [str(n) for n in _D.nfe_steps], "Comma list of step counts (integers >= 1) to "
+                         "sweep; the NFE a solver actually uses is recorded and fitted.")
+_PROBLEMS = flags.DEFINE_list("problems", list(_D.problems), f"Comma list of problems, from {', '.join(lib.PROBLEMS)}.")
+_GRID = flags.DEFINE_enum("grid", _D.grid, sorted(grids.GRIDS), "Time grid builder of solvers.grids.")
+_FINAL = flags.DEFINE_enum("final", _D.final, list(grids.FINAL_POLICIES),
+                           "Final-step policy: stop at t_end, or end with a jump to sigma = 0 ('zero').")
+_BATCH = flags.DEFINE_integer("batch", _D.batch, "Number of starting points x_T.", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", _D.seed, "PRNG seed of the x_T batch.", lower_bound=0)
+
+
+def _ints(values):
+  """Parses --nfe; a bad entry raises ValueError naming it."""
+  out = []
+  for v in values:
+    try:
+      n = int(v)
+    except ValueError:
+      raise ValueError(f"--nfe: {v!r} is not an integer") from None
+    if n < 1:
+      raise ValueError(f"--nfe: {n} must be >= 1")
+    out.append(n)
+  if not out:
+    raise ValueError("--nfe is empty: list at least one integer >= 1")
+  return out
+
+
+def _validator(check):
+  """A flag validator whose ValueError (naming the bad value) becomes an absl flag error."""
+  def validate(value):
+    try:
+      check(value)
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+    return True
+  return validate
+
+
+flags.register_validator("nfe", _validator(_ints))
+flags.register_validator("problems", _validator(lambda v: lib.resolve_config({"problems": v or []})))
+flags.register_validator("solvers", _validator(lambda v: v is None or lib.resolve_config({"solvers": v})))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = lib.Config(problems=_PROBLEMS.value, solvers=_SOLVERS.value, nfe_steps=_ints(_NFE.value),
+                      grid=_GRID.value, final=_FINAL.value, batch=_BATCH.value, seed=_SEED.value)
+  lib.run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

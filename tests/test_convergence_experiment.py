@@ -1,0 +1,118 @@
+"""The convergence study (experiments/convergence_lib.py and its absl main) on tiny settings."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import solvers
+from experiments import convergence_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _metrics(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def gaussian_ddim(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("gaussian") / "new_subdir")  # run() must create it
+  config = {"problems": ["gaussian"], "solvers": ["ddim"], "nfe_steps": [16, 32, 64], "batch": 4}
+  returned = convergence_lib.run(config, workdir)
+  return workdir, returned
+
+
+def test_results_json_fields_and_order(gaussian_ddim):
+  workdir, returned = gaussian_ddim
+  results = _read_json(os.path.join(workdir, "results.json"))
+  assert results == json.loads(json.dumps(returned))
+  assert results["complete"] is True
+  assert results["config"]["solvers"] == ["ddim"] and results["config"]["batch"] == 4
+  assert list(results["problems"]) == ["gaussian"]
+  rec = results["problems"]["gaussian"]["solvers"]["ddim"]
+  assert rec["declared_order"] == solvers.get("ddim").order == 1
+  assert abs(rec["fitted_order"] - 1.0) < 0.3, rec
+  assert abs(rec["asymptotic_order"] - 1.0) < 0.3, rec
+  assert rec["compilations"] == 1  # one capacity for the whole sweep: one compilation
+  assert [r["steps"] for r in rec["runs"]] == [16, 32, 64]
+  for r in rec["runs"]:
+    assert set(r) >= {"steps", "nfe", "rmse", "seconds"}
+    assert r["nfe"] == r["steps"]  # DDIM: one model call per step
+    assert 0 < r["rmse"] < 1 and r["seconds"] >= 0
+  errors = [r["rmse"] for r in rec["runs"]]
+  assert errors == sorted(errors, reverse=True)
+  assert _read_json(os.path.join(workdir, "config.json")) == results["config"]
+
+
+def test_other_outputs(gaussian_ddim):
+  workdir, returned = gaussian_ddim
+  with open(os.path.join(workdir, "convergence.png"), "rb") as f:
+    png = f.read()
+  assert png.startswith(PNG_MAGIC) and len(png) > 1000
+  import matplotlib.image
+  assert matplotlib.image.imread(os.path.join(workdir, "convergence.png")).ndim == 3
+  runs = returned["problems"]["gaussian"]["solvers"]["ddim"]["runs"]
+  lines = _metrics(os.path.join(workdir, "metrics.jsonl"))
+  assert len(lines) == len(runs) == 3
+  assert [(m["problem"], m["solver"], m["nfe"]) for m in lines] == [("gaussian", "ddim", n) for n in (16, 32, 64)]
+  with open(os.path.join(workdir, "table.txt")) as f:
+    table = f.read()
+  assert "fitted order" in table and table.count("gaussian  ddim") == 3
+  assert not [n for n in os.listdir(workdir) if n.endswith(".tmp")]  # atomic writes leave no temporaries
+
+
+def test_gmm_with_loose_reference_and_final_zero(tmp_path):
+  config = {"problems": ["gaussian", "gmm"], "solvers": ["ddim"], "nfe_steps": [4, 8], "batch": 4,
+            "final": "zero", "reference_rtol": 1e-6, "reference_atol": 1e-6}
+  results = convergence_lib.run(config, str(tmp_path))
+  gmm = results["problems"]["gmm"]
+  assert gmm["answer"].startswith("reference") and gmm["rtol"] == 1e-6
+  assert gmm["sigma_end"] == 0.0 and results["problems"]["gaussian"]["sigma_end"] == 0.0
+  for problem in ("gaussian", "gmm"):
+    runs = results["problems"][problem]["solvers"]["ddim"]["runs"]
+    assert [r["nfe"] for r in runs] == [4, 8]
+    assert runs[1]["rmse"] < runs[0]["rmse"]
+  assert len(_metrics(tmp_path / "metrics.jsonl")) == 4
+
+
+def test_default_solvers_are_every_deterministic_one():
+  config = convergence_lib.resolve_config(None)
+  assert config.solvers == [n for n in solvers.available() if not solvers.get(n).stochastic]
+  assert "ddim" in config.solvers and config.problems == ["gaussian", "gmm"]
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"problems": ["gaussian", "banana"]}, "banana"),
+    ({"solvers": ["no_such_solver"]}, "no_such_solver"),
+    ({"nfe_steps": [4, 0]}, "0"),
+    ({"grid": "spiral"}, "spiral"),
+    ({"final": "never"}, "never"),
+    ({"no_such_key": 1}, "no_such_key"),
+])
+def test_bad_config_raises(tmp_path, override, match):
+  with pytest.raises(ValueError, match=match):
+    convergence_lib.run(override, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")  # validated before anything is written
+
+
+def test_absl_main(tmp_path):
+  workdir = tmp_path / "conv"
+  cmd = [sys.executable, "-m", "experiments.convergence", f"--workdir={workdir}", "--solvers=ddim",
+         "--nfe=4,8", "--problems=gaussian", "--batch=4"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = _read_json(workdir / "results.json")
+  assert [r["nfe"] for r in results["problems"]["gaussian"]["solvers"]["ddim"]["runs"]] == [4, 8]
+  assert "fitted order" in proc.stdout  # the table is printed
+
+  bad = subprocess.run(cmd[:3] + ["--nfe=4,0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "--nfe" in bad.stderr and "0 must be >= 1" in bad.stderr
