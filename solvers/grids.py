@@ -90,7 +90,8 @@ def _validate_times(schedule, times, final, round_to_integers):
       i = int(np.flatnonzero(d >= 0)[0] if d[0] < 0 else np.flatnonzero(d <= 0)[0])
       raise ValueError(f"grid times must be strictly monotone: t[{i}]={float(t[i])!r}, t[{i + 1}]={float(t[i + 1])!r}")
     if final == "zero" and d[0] > 0:
-      raise ValueError("final='zero' needs a decreasing (sampling-direction) grid")
+      raise ValueError(f"final='zero' needs a decreasing (sampling-direction) grid, got increasing times "
+                       f"t[0]={float(t[0])!r}, t[1]={float(t[1])!r}")
   return t
 
 
@@ -181,7 +182,10 @@ def uniform_logsnr(schedule, num_steps, *, t_start=None, t_end=None, final="t_en
                      f"lambda({t_end})={lam_end}: move t_start / t_end inside the schedule")
   u = _fractions(_num_times(num_steps, final))
   times = _times_of_lambda(schedule, lam_start + (lam_end - lam_start) * u, _capacity(u.size, final, capacity))
-  times[0], times[-1] = t_start, t_end  # exact endpoints despite round-off in t(lambda)
+  # Exact endpoints despite round-off in t(lambda). A single time (one step with final='zero') is t_start.
+  times[0] = t_start
+  if times.size > 1:
+    times[-1] = t_end
   return from_times(schedule, times, final=final, capacity=capacity)
 
 
@@ -202,7 +206,7 @@ def karras(schedule, num_steps, *, sigma_min=None, sigma_max=None, rho=7.0, fina
   times = _times_of_lambda(schedule, -np.log(rhos), _capacity(u.size, final, capacity))
   if sigma_max is None:
     times[0] = schedule.t_max
-  if sigma_min is None:
+  if sigma_min is None and times.size > 1:  # a single time (one step with final='zero') is the start
     times[-1] = schedule.t_min
   return from_times(schedule, times, final=final, capacity=capacity)
 
@@ -239,8 +243,14 @@ def diffusers_timesteps(num_train_timesteps, num_steps, spacing="linspace", fami
     raise ValueError(f"family={family!r} is unknown; valid: {', '.join(SPACING_FAMILIES)}")
   if n > big_t:
     raise ValueError(f"num_steps={n} exceeds num_train_timesteps={big_t}")
+  if n == big_t and family == "dpm" and spacing != "trailing":
+    # n + 1 points on the T integers 0..T-1: timesteps would repeat (leading: all zero).
+    raise ValueError(f"num_steps={n} with family='dpm' and spacing={spacing!r} needs num_steps < "
+                     f"num_train_timesteps={big_t}")
   if spacing == "trailing":
-    steps = np.round(np.arange(big_t, 0, -big_t / n)) - 1
+    # arange(T, 0, -T/n) has n + 1 entries for some n (T=1000: n=61, 103, ...) through round-off, the last
+    # one ~1e-13 -> timestep -1; diffusers' first n entries are these, so keep exactly n.
+    steps = (np.round(np.arange(big_t, 0, -big_t / n)) - 1)[:n]
   elif family == "dpm" and spacing == "linspace":
     steps = np.round(np.linspace(0, big_t - 1, n + 1))[::-1][:-1]
   elif family == "dpm":

@@ -199,6 +199,11 @@ class Thresholded:
   semantics: str = static_field(default="imagen")
   batch_ndim: int = static_field(default=1)
 
+  def __post_init__(self):
+    # Validate at construction (as Denoiser does), not at the first call inside a traced solver.
+    if self.semantics not in THRESHOLD_SEMANTICS:
+      raise ValueError(f"semantics={self.semantics!r} is unknown; valid: {', '.join(THRESHOLD_SEMANTICS)}")
+
   def predict(self, kind, x, t, schedule):
     x0 = dynamic_threshold(self.inner.predict("x0", x, t, schedule), self.ratio, self.max_val,
                            self.semantics, self.batch_ndim)
