@@ -39,7 +39,7 @@ class Config:
   # Registered solver names; None means every registered solver that is not stochastic.
   solvers: Optional[Sequence[str]] = None
   # Step counts of the sweep (= NFE for solvers with one model call per step; the fit uses Solution.nfe).
-  nfe_steps: Sequence[int] = (5, 10, 20, 40, 80)
+  nfe_steps: Sequence[int] = (5, 10, 20, 40, 80, 160)
   schedule: str = "vp_linear"          # a name of solvers.schedules.SCHEDULES
   grid: str = "logsnr"                 # a name of solvers.grids.GRIDS
   final: str = "t_end"                 # solvers.grids.FINAL_POLICIES: 't_end' or 'zero' (a last jump to sigma = 0)

@@ -31,6 +31,7 @@ class Solution(NamedTuple):
 
 def _run(solver, denoiser, schedule, grid, x, key, return_trajectory):
   _TRACES[0] += 1
+  steps = jnp.arange(grid.capacity - 1)
   coeffs = solver.coefficients(grid)
   state = solver.init(denoiser, schedule, grid, x, key)
 
@@ -41,7 +42,6 @@ def _run(solver, denoiser, schedule, grid, x, key, return_trajectory):
                          lambda s: s, state)
     return state, (state.x if return_trajectory else None)
 
-  steps = jnp.arange(grid.capacity - 1)
   state, xs = jax.lax.scan(body, state, (steps, coeffs))
   trajectory = jnp.concatenate([x[None], xs]) if return_trajectory else None
   return Solution(x=state.x, nfe=state.nfe, trajectory=trajectory)

@@ -163,6 +163,11 @@ class Guided:
   uncond: Any
   scale: Any = 1.0
 
+  def __post_init__(self):
+    if not isinstance(self.inner, Denoiser):
+      raise ValueError(f"Guided wraps a Denoiser (it sets its cond), got {type(self.inner).__name__}; to threshold "
+                       "a guided model, wrap the other way round: Thresholded(inner=Guided(...))")
+
   def predict(self, kind, x, t, schedule):
     out_c = self.inner.replace(cond=self.cond).raw(x, t, schedule)
     out_u = self.inner.replace(cond=self.uncond).raw(x, t, schedule)
