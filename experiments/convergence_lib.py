@@ -291,7 +291,7 @@ def run(config=None, workdir="workdir/convergence"):
     for name in config.solvers:
       solver = solvers.get(name)
       traces = loop.trace_count()
-      record = {"declared_order": solver.order, "runs": []}
+      record = {"declared_order": solver.declared_order, "runs": []}
       # Warm-up at the largest grid: compiles the loop once for this (problem, solver) pair.
       try:
         record["compile_seconds"] = _sample_timed(solvers.sample, solver, denoiser, schedule, grid_list[-1], x_T)[2]
@@ -316,7 +316,7 @@ def run(config=None, workdir="workdir/convergence"):
       record["fitted_order"], record["asymptotic_order"] = _summarise(
           record["runs"], info["error_floor"], config.asymptotic_points)
       entry["solvers"][name] = record
-      logging.info("%s / %s: fitted order %s (declared %s)", problem, name, record["fitted_order"], solver.order)
+      logging.info("%s / %s: fitted order %s (declared %s)", problem, name, record["fitted_order"], solver.declared_order)
       _write_atomic(workdir, "results.json", _json(results))
 
   results["total_seconds"] = time.perf_counter() - study_start
