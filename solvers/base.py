@@ -4,7 +4,10 @@ A solver is a frozen (hashable) dataclass with
 - ``order``: the method's order; ``declared_order``: the global order it converges with (the same unless
   the method is known to fall short of its nominal order); ``stochastic``: whether it draws noise;
 - ``coefficients(grid)``: everything that depends only on the grid, as arrays with a leading axis of
-  ``grid.capacity - 1`` (one row per step), computed once outside the loop in the grid's dtype;
+  ``num_iterations(grid)`` (one row per step; ``grid.capacity - 1`` by default), computed once outside the
+  loop in the grid's dtype;
+- ``active(grid, i, state)``: whether iteration i runs (by default ``i < grid.num_steps``; an adaptive
+  solver decides from its state);
 - ``init(denoiser, schedule, grid, x, key)``: the initial state, a NamedTuple with at least ``x``
   and ``nfe`` (model evaluations so far);
 - ``step(denoiser, schedule, grid, coeffs, i, state)``: one pure step from node i to node i + 1, where
@@ -51,6 +54,14 @@ class Solver:
   def declared_order(self):
     """The global order this configuration converges with (what the test battery checks)."""
     return self.order
+
+  def num_iterations(self, grid):
+    """How many times the loop may call ``step`` (static): one per grid interval by default."""
+    return grid.capacity - 1
+
+  def active(self, grid, i, state):
+    """Whether iteration i is taken (traced); the loop skips the others without calling the model."""
+    return i < grid.num_steps
 
   def for_order_measurement(self):
     """This solver with every rule that caps its order on purpose (lower-order final steps) switched off.

@@ -1,7 +1,8 @@
 """The one sampling loop: a single jitted driver for every registered solver.
 
-The grid arrives padded to its capacity; ``lax.scan`` runs capacity - 1 iterations and a ``lax.cond``
-on ``i < grid.num_steps`` skips the padding without a model call. The step count is therefore data,
+The grid arrives padded to its capacity; ``lax.scan`` runs ``solver.num_iterations(grid)`` iterations
+(capacity - 1 by default) and a ``lax.cond`` on ``solver.active`` (by default ``i < grid.num_steps``)
+skips the padding without a model call. The step count is therefore data,
 not a compile-time constant: one compilation serves every NFE up to the capacity at a given shape,
 new params, keys and grids never recompile, and the loop is reverse-mode differentiable and vmappable.
 With ``jax.disable_jit()`` the same code runs as a host-side Python loop (the debug path).
@@ -26,18 +27,18 @@ def trace_count():
 class Solution(NamedTuple):
   x: jnp.ndarray                     # the final sample
   nfe: jnp.ndarray                   # model evaluations actually made
-  trajectory: Optional[jnp.ndarray]  # (capacity, *x.shape): x at every node; padding repeats the end
+  trajectory: Optional[jnp.ndarray]  # (iterations + 1, *x.shape): x after every iteration; skipped ones repeat it
 
 
 def _run(solver, denoiser, schedule, grid, x, key, return_trajectory):
   _TRACES[0] += 1
-  steps = jnp.arange(grid.capacity - 1)
+  steps = jnp.arange(solver.num_iterations(grid))
   coeffs = solver.coefficients(grid)
   state = solver.init(denoiser, schedule, grid, x, key)
 
   def body(state, row):
     i, c = row
-    state = jax.lax.cond(i < grid.num_steps,
+    state = jax.lax.cond(solver.active(grid, i, state),
                          lambda s: solver.step(denoiser, schedule, grid, c, i, s),
                          lambda s: s, state)
     return state, (state.x if return_trajectory else None)
