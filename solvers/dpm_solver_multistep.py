@@ -88,11 +88,15 @@ class DPMSolverMultistep(base.Solver):
   def init(self, denoiser, schedule, grid, x, key):
     return exponential.init_state(x, self.order, key)
 
+  def step_orders(self, grid):
+    """The order of each step (warm-up, lower-order final steps, first order into sigma = 0)."""
+    return multistep_orders(grid.num_steps, grid.capacity - 1, self.order, self.lower_order_final,
+                            self.lower_order_final_below, grid.sigma[1:] == 0)
+
   def coefficients(self, grid):
     h = exponential.step_sizes(grid)
     a_s, a_t, s_s, s_t = grid.alpha[:-1], grid.alpha[1:], grid.sigma[:-1], grid.sigma[1:]
-    orders = multistep_orders(grid.num_steps, h.shape[0], self.order, self.lower_order_final,
-                              self.lower_order_final_below, s_t == 0)
+    orders = self.step_orders(grid)
     d1_0, d1, d2 = difference_weights(h, self.order)
     e0 = jnp.zeros_like(d1_0).at[:, 0].set(1.0)
     data = self.prediction == "data"

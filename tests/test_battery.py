@@ -49,7 +49,7 @@ def order_test_grid(steps):
   lam = lam_start + (lam_end - lam_start) * (u + 0.5 * u * (1 - u))
   times = np.array(SCHEDULE.t_of_lambda(jnp.asarray(lam)))
   times[0], times[-1] = SCHEDULE.t_max, SCHEDULE.t_min
-  return grids.from_times(SCHEDULE, times, capacity=256)
+  return grids.from_times(SCHEDULE, times, capacity=512)
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
@@ -63,8 +63,11 @@ def test_declared_order_on_gaussian(name):
     sol = _run(solvers.get(name).for_order_measurement(), oracle.denoiser(SCHEDULE), grid, x)
     errors.append(float(jnp.sqrt(jnp.mean((sol.x - exact) ** 2))))
   slope = -np.polyfit(np.log(STEPS), np.log(errors), 1)[0]
-  declared = solvers.get(name).declared_order
-  assert abs(slope - declared) <= ORDER_TOLERANCE, (name, declared, slope, errors)
+  solver = solvers.get(name)
+  declared = solver.declared_order
+  assert slope >= declared - ORDER_TOLERANCE, (name, declared, slope, errors)
+  if not solver.superconverges_on_linear_problems:
+    assert slope <= declared + ORDER_TOLERANCE, (name, declared, slope, errors)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
