@@ -20,6 +20,7 @@ from solvers import grids, loop, predictions, schedules
 
 ALL = solvers.available()
 DETERMINISTIC = [name for name in ALL if not solvers.get(name).stochastic]
+FIXED_GRID = [name for name in DETERMINISTIC if not solvers.get(name).adaptive]  # order measured on a grid
 STEPS = (40, 80, 160)  # where every registered solver is asymptotic on this problem
 ORDER_TOLERANCE = 0.3
 
@@ -52,7 +53,7 @@ def order_test_grid(steps):
   return grids.from_times(SCHEDULE, times, capacity=512)
 
 
-@pytest.mark.parametrize("name", DETERMINISTIC)
+@pytest.mark.parametrize("name", FIXED_GRID)
 def test_declared_order_on_gaussian(name):
   oracle = _gaussian()
   x = _x_T(oracle)
@@ -73,18 +74,19 @@ def test_declared_order_on_gaussian(name):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("name", ALL)
 def test_state_keeps_shape_and_dtype(name, dtype):
+  """Checked abstractly (jax.eval_shape): every step maps the state onto the same shapes and dtypes."""
   solver, oracle = solvers.get(name), _gaussian()
   grid = grids.uniform_logsnr(SCHEDULE, 5)
+  denoiser = oracle.denoiser(SCHEDULE)
   x = _x_T(oracle, dtype=dtype)
-  state = solver.init(oracle.denoiser(SCHEDULE), SCHEDULE, grid, x, jax.random.key(0))
-  coeffs = solver.coefficients(grid)
+  state = jax.eval_shape(lambda x: solver.init(denoiser, SCHEDULE, grid, x, jax.random.key(0)), x)
+  coeffs = jax.eval_shape(solver.coefficients, grid)
   for i in range(3):
-    row = jax.tree_util.tree_map(lambda c, i=i: c[i], coeffs)
-    new = solver.step(oracle.denoiser(SCHEDULE), SCHEDULE, grid, row, i, state)
+    row = jax.tree_util.tree_map(lambda c: jax.ShapeDtypeStruct(c.shape[1:], c.dtype), coeffs)
+    new = jax.eval_shape(lambda s, c, i=i: solver.step(denoiser, SCHEDULE, grid, c, i, s), state, row)
     assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(state)
     for before, after in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(new)):
-      assert jnp.shape(before) == jnp.shape(after)
-      assert jnp.result_type(before) == jnp.result_type(after)
+      assert (before.shape, before.dtype) == (after.shape, after.dtype)
     state = new
   assert state.x.dtype == dtype
 
@@ -107,7 +109,7 @@ def test_no_recompile_for_new_params_key_or_grid(name):
 def test_same_result_without_jit(name):
   oracle = _gaussian()
   x = _x_T(oracle, n=2)
-  grid = grids.uniform_logsnr(SCHEDULE, 4, capacity=8)
+  grid = grids.uniform_logsnr(SCHEDULE, 3, capacity=4)
   jitted = _run(name, oracle.denoiser(SCHEDULE), grid, x)
   with jax.disable_jit():
     eager = _run(name, oracle.denoiser(SCHEDULE), grid, x)
