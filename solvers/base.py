@@ -49,6 +49,9 @@ class Solver:
   # True where the Gaussian (a linear PF-ODE) shows a higher order than the declared one, which then is
   # checked on a nonlinear problem instead (UniPC-3 with UniC: order ~5 on Gaussians, 4 on mixtures).
   superconverges_on_linear_problems: bool = False
+  # True for step-size-controlled solvers: they ignore the grid's inner nodes, so the battery's fixed-grid
+  # order measurement does not apply (their own tests check accuracy against the tolerances instead).
+  adaptive: bool = False
 
   def init(self, denoiser, schedule, grid, x, key):
     return State(x=x, nfe=jnp.zeros((), jnp.int32), key=key)
