@@ -1,6 +1,7 @@
 """Diffusion ODE/SDE solvers in JAX: schedules, predictions, grids, solvers and the one sampling loop."""
 from solvers import base, grids, predictions, schedules
 from solvers import ddim, dpm_solver_multistep, unipc  # noqa: F401  (register their solvers)
+from solvers import dpm_solver_adaptive, dpm_solver_singlestep  # noqa: F401  (register the singlestep and adaptive DPM-Solvers)
 from solvers import deis  # noqa: F401  (registers the DEIS solvers)
 from solvers.base import available, get, register
 from solvers.grids import Grid
