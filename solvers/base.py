@@ -3,7 +3,7 @@
 A solver is a frozen (hashable) dataclass with
 - ``order``: the method's order; ``declared_order``: the global order it converges with (the same unless
   the method is known to fall short of its nominal order); ``stochastic``: whether it draws noise;
-- ``coefficients(grid)``: everything that depends only on the grid, as arrays with a leading axis of
+- ``coefficients(grid, schedule)``: everything that depends only on the grid (and the schedule), as arrays with a leading axis of
   ``num_iterations(grid)`` (one row per step; ``grid.capacity - 1`` by default), computed once outside the
   loop in the grid's dtype;
 - ``active(grid, i, state)``: whether iteration i runs (by default ``i < grid.num_steps``; an adaptive

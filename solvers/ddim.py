@@ -37,7 +37,7 @@ class DDIM(base.Solver):
   def stochastic(self):
     return self.eta > 0
 
-  def coefficients(self, grid):
+  def coefficients(self, grid, schedule):
     a_s, a_t = grid.alpha[:-1], grid.alpha[1:]
     s_s, s_t = grid.sigma[:-1], grid.sigma[1:]
     h = grid.lam[1:] - grid.lam[:-1]

@@ -24,7 +24,7 @@ coefficient alpha_{i+1} / alpha_i.
   nor as 3; tests/test_deis.py measures it at 160/320/640 steps.
 - **rhoRK-DEIS** (``DEISRungeKutta``, ``deis_rhork_2heun``, ``_3kutta``, ``_4rk``): an explicit Runge-Kutta
   method on dv / d rho = eps_hat(alpha(rho) v, t(rho)) (tableaus below, ``TABLEAUS``); NFE = stages per step.
-- **log-rho AB** (``DEISLogRho``, ``deis_logrho_2``, ``deis_logrho_3``): diffusers' ``DEISMultistepScheduler``
+- **log-rho AB** (``deis_logrho()``, ``deis_logrho_2``, ``deis_logrho_3``): diffusers' ``DEISMultistepScheduler``
   (diffusers PR #1432), see its docstring.
 
 **Naming.** The official API counts the polynomial *degree* r (``ab_order``): tAB/rhoAB with ab_order = r
@@ -35,9 +35,8 @@ degree 0 is DDIM and is not registered). diffusers counts the *order* (``solver_
 
 **Coefficients.** Everything is computed once per grid, outside the loop, as arrays indexed by step, in
 float64 when x64 is on; the traced ``num_steps`` only enters through jnp (warm-up degree min(r, i) is a
-``jnp.minimum``), so one compilation serves every step count. The protocol's ``coefficients(grid)`` sees no
-schedule, so the rows that also need t(lambda) between grid nodes (tAB weights, rhoRK stage times and
-alphas) are built in ``init`` (which gets the schedule) and carried, constant, in the state as ``table``.
+``jnp.minimum``), so one compilation serves every step count. The tAB weights and the rhoRK stage times and
+alphas need t(lambda) between grid nodes, which the schedule gives.
 - tAB: the integral in (*) is taken in lambda, int rho'(tau) l_j(tau) dtau = -int e^{-lambda} l_j(t(lambda))
   dlambda, by Gauss-Legendre with ``quadrature_nodes`` (16) nodes per step. In t, rho'(t) of a VP schedule
   has a sqrt(t) singularity at t = 0 just outside [t_min, t_max]; 16 nodes in t leave ~1e-4 relative error
@@ -64,13 +63,11 @@ alphas) are built in ``init`` (which gets the schedule) and carried, constant, i
   from the schedule's t(lambda) (below t_min, clamped to 0 for discrete tables).
 """
 import dataclasses
-from typing import Any, NamedTuple, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solvers import base, dpm_solver_multistep, exponential, predictions
+from solvers import base, dpm_solver_multistep, exponential
 
 METHODS = ("t_ab", "rho_ab")
 MAX_DEGREE = 3
@@ -130,27 +127,6 @@ def rho_steps(grid):
   return rho[:-1], rho[:-1] * jnp.expm1(-h)
 
 
-def _row(table, i):
-  return jax.tree_util.tree_map(lambda c: c[i], table)
-
-
-class TableState(NamedTuple):
-  """A multistep state (as ``exponential.MultistepState``) with a per-step table built in ``init``."""
-  x: jnp.ndarray
-  anchor: jnp.ndarray
-  hist: jnp.ndarray
-  nfe: jnp.ndarray
-  key: Any
-  table: Any
-
-
-class RKState(NamedTuple):
-  x: jnp.ndarray
-  nfe: jnp.ndarray
-  key: Any
-  table: Any  # per-step stage times and coefficients (``DEISRungeKutta.stage_table``)
-
-
 @dataclasses.dataclass(frozen=True)
 class DEISMultistep(base.Solver):
   """tAB-DEIS (``method='t_ab'``) and rhoAB-DEIS (``'rho_ab'``) with polynomial degree ``ab_order`` = r."""
@@ -177,11 +153,9 @@ class DEISMultistep(base.Solver):
       degree = jnp.where(grid.sigma[1:] == 0, 0, degree)
     return degree
 
-  def coefficients(self, grid):
-    coeffs = {"anchor": grid.alpha[1:] / grid.alpha[:-1], "end": jnp.ones_like(grid.alpha[1:])}
-    if self.method == "rho_ab":
-      coeffs["hist"] = self._rho_ab_weights(grid)
-    return coeffs
+  def coefficients(self, grid, schedule):
+    hist = self._rho_ab_weights(grid) if self.method == "rho_ab" else self.t_ab_weights(schedule, grid)
+    return {"anchor": grid.alpha[1:] / grid.alpha[:-1], "hist": hist, "end": jnp.ones_like(grid.alpha[1:])}
 
   def _rho_ab_weights(self, grid):
     rho_s, drho = rho_steps(grid)
@@ -203,14 +177,9 @@ class DEISMultistep(base.Solver):
                               self.ab_order)
 
   def init(self, denoiser, schedule, grid, x, key):
-    state = exponential.init_state(x, self.ab_order + 1, key)
-    if self.method == "rho_ab":
-      return state
-    return TableState(*state, table={"hist": self.t_ab_weights(schedule, grid)})
+    return exponential.init_state(x, self.ab_order + 1, key)
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
-    if self.method == "t_ab":
-      coeffs = dict(coeffs, hist=state.table["hist"][i])
     return exponential.table_step(denoiser, schedule, grid, "eps", coeffs, i, state)
 
 
@@ -265,10 +234,7 @@ class DEISRungeKutta(base.Solver):
   def stages(self):
     return len(TABLEAUS[self.rk_method][1])
 
-  def coefficients(self, grid):
-    return {"x": grid.alpha[1:] / grid.alpha[:-1]}
-
-  def stage_table(self, schedule, grid):
+  def coefficients(self, grid, schedule):
     """Per-step stage times, stage coefficients and output weights (capacity - 1 rows)."""
     zero = grid.sigma[1:] == 0
     main, sub = tableau(self.rk_method), tableau(self.rk_method, zero_step=True)
@@ -281,17 +247,14 @@ class DEISRungeKutta(base.Solver):
     t_k = jnp.where(jnp.isfinite(t_k), t_k, grid.t[:-1, None])  # padding rows past a sigma = 0 node (VE: t = -inf)
     alpha_k = jnp.where(start, grid.alpha[:-1, None],
                         jnp.where(end, grid.alpha[1:, None], schedule.alpha_sigma_of_lambda(lam_k)[0]))
-    return {"t": t_k,
-            "x": alpha_k / grid.alpha[:-1, None],
+    return {"x": grid.alpha[1:] / grid.alpha[:-1],
+            "t": t_k,
+            "sx": alpha_k / grid.alpha[:-1, None],
             "a": alpha_k[:, :, None] * drho[:, None, None] * a,
             "b": grid.alpha[1:, None] * drho[:, None] * b}
 
-  def init(self, denoiser, schedule, grid, x, key):
-    return RKState(x=x, nfe=jnp.zeros((), jnp.int32), key=key, table=self.stage_table(schedule, grid))
-
   def step(self, denoiser, schedule, grid, coeffs, i, state):
-    row = _row(state.table, i)
-    c = base.cast_coefficients({"x": coeffs["x"], "sx": row["x"], "a": row["a"], "b": row["b"]}, state.x)
+    c = base.cast_coefficients({k: v for k, v in coeffs.items() if k != "t"}, state.x)
     x = state.x
     ks = []
     for k in range(self.stages):
@@ -300,15 +263,14 @@ class DEISRungeKutta(base.Solver):
         xk = c["sx"][k] * x
         for m in range(k):
           xk = xk + c["a"][k, m] * ks[m]
-      ks.append(denoiser.predict("eps", xk.astype(x.dtype), row["t"][k], schedule))
+      ks.append(denoiser.predict("eps", xk.astype(x.dtype), coeffs["t"][k], schedule))
     out = c["x"] * x
     for k in range(self.stages):
       out = out + c["b"][k] * ks[k]
     return state._replace(x=out.astype(x.dtype), nfe=state.nfe + self.stages)
 
 
-@dataclasses.dataclass(frozen=True)
-class DEISLogRho(base.Solver):
+def deis_logrho(order=2, **options):
   """diffusers' ``DEISMultistepScheduler`` (``algorithm_type='deis'``, ``solver_type='logrho'``), orders 1-3.
 
   eps is interpolated by the Lagrange polynomial in log rho (= -lambda) through the last ``order`` model
@@ -317,58 +279,19 @@ class DEISLogRho(base.Solver):
     order 2: F(rho; b, c) = rho (log rho - log c - 1) / (log b - log c),
     order 3: F(rho; b, c, d) = rho [L^2 - 2L + 2 - (c' + d')(L - 1) + c'd'] / ((b' - c')(b' - d')),
   L = log rho, primes = logs of the nodes' rho. Since rho = e^{-lambda}, this is the noise-form exponential
-  integrator with eps(lambda) a polynomial in lambda, integrated exactly; it is computed that way here,
-  with the phi-function weights b_k(h) = h phi_k(h) of ``solvers.exponential`` and the divided differences
-  of ``dpm_solver_multistep`` (the closed forms above cancel catastrophically for small steps in float32):
-    x_t = (alpha_t / alpha_s) x_s - sigma_t (b1 m0 + b2 D1 + 2 b3 D2).
-  Hence order 2 is DPM-Solver (noise, 'heun') 2M and order 3 is exact for quadratic eps(lambda) (the DPM-Solver
-  3M with ``third_order='exact'``, not the reference 3M); tests/test_deis.py checks both identities and the
+  integrator with eps(lambda) a polynomial in lambda, integrated exactly, i.e. multistep DPM-Solver (noise,
+  'heun') with the exactly integrated third-order term: this returns that solver, with diffusers' settings
+  (the closed forms above cancel catastrophically for small steps in float32; the phi-function weights do not).
+  Order 2 is DPM-Solver 2M 'heun'; order 3 is exact for quadratic eps(lambda), unlike the reference 3M;
+  tests/test_deis.py checks the
   closed forms. Warm-up order min(order, i + 1); ``lower_order_final`` as diffusers (runs of fewer than
   ``lower_order_final_below`` = 15 steps end with orders 2, 1); a step into sigma = 0 is first order (rho_t = 0 is
   log rho = -inf; diffusers itself never ends at sigma = 0: its last point is rho at training step 0).
   ``thresholding`` thresholds x0 and converts back to eps, as diffusers, with its semantics by default.
   """
-  order: int = 2
-  lower_order_final: bool = True
-  lower_order_final_below: Optional[int] = 15
-  thresholding: bool = False
-  threshold_ratio: float = 0.995
-  threshold_max_val: float = 1.0
-  threshold_semantics: str = "diffusers"
-
-  def __post_init__(self):
-    if self.order not in (1, 2, 3):
-      raise ValueError(f"order={self.order!r} is not supported; valid: 1, 2, 3 (diffusers' solver_order)")
-    if self.threshold_semantics not in predictions.THRESHOLD_SEMANTICS:
-      raise ValueError(f"threshold_semantics={self.threshold_semantics!r} is unknown; valid: "
-                       f"{', '.join(predictions.THRESHOLD_SEMANTICS)}")
-
-  def for_order_measurement(self):
-    return dataclasses.replace(self, lower_order_final=False)
-
-  def init(self, denoiser, schedule, grid, x, key):
-    return exponential.init_state(x, self.order, key)
-
-  def coefficients(self, grid):
-    h = exponential.step_sizes(grid)
-    a_s, a_t, s_s, s_t = grid.alpha[:-1], grid.alpha[1:], grid.sigma[:-1], grid.sigma[1:]
-    orders = dpm_solver_multistep.multistep_orders(grid.num_steps, h.shape[0], self.order, self.lower_order_final,
-                                                   self.lower_order_final_below, s_t == 0)
-    d1_0, d1, d2 = dpm_solver_multistep.difference_weights(h, self.order)
-    e0 = jnp.zeros_like(d1_0).at[:, 0].set(1.0)
-    b1, b2, b3 = (exponential.noise_weight(k, h)[:, None] for k in (1, 2, 3))
-    by_order = [b1 * e0, b1 * e0 + b2 * d1_0, b1 * e0 + b2 * d1 + 2.0 * b3 * d2]
-    weights = by_order[0]
-    for k in range(2, self.order + 1):
-      weights = jnp.where((orders >= k)[:, None], by_order[k - 1], weights)
-    hist = jnp.where((s_t > 0)[:, None], -s_t[:, None] * weights, (-a_t * s_s / a_s)[:, None] * e0)
-    return {"anchor": a_t / a_s, "hist": hist, "end": jnp.ones_like(h)}
-
-  def step(self, denoiser, schedule, grid, coeffs, i, state):
-    if self.thresholding:
-      denoiser = predictions.Thresholded(inner=denoiser, ratio=self.threshold_ratio, max_val=self.threshold_max_val,
-                                         semantics=self.threshold_semantics)
-    return exponential.table_step(denoiser, schedule, grid, "eps", coeffs, i, state)
+  return dpm_solver_multistep.DPMSolverMultistep(
+      order=order, prediction="noise", solver_type="heun", third_order="exact", lower_order_final_below=15,
+      threshold_semantics="diffusers", **options)
 
 
 for _r in (1, 2, 3):
@@ -377,5 +300,5 @@ for _r in (1, 2):  # degree 3: see the module docstring
   base.register(f"deis_rhoab{_r}", lambda r=_r: DEISMultistep(ab_order=r, method="rho_ab"))
 for _name in ("2heun", "3kutta", "4rk"):
   base.register(f"deis_rhork_{_name}", lambda name=_name: DEISRungeKutta(rk_method=name))
-base.register("deis_logrho_2", lambda: DEISLogRho(order=2))
-base.register("deis_logrho_3", lambda: DEISLogRho(order=3))
+base.register("deis_logrho_2", lambda: deis_logrho(order=2))
+base.register("deis_logrho_3", lambda: deis_logrho(order=3))

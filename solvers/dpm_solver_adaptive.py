@@ -34,7 +34,6 @@ attempts); pass a batch as one ``x`` to share the step sizes instead.
 import dataclasses
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from solvers import base
@@ -107,7 +106,7 @@ class DPMSolverAdaptive(base.Solver):
   def active(self, grid, i, state):
     return jnp.logical_not(state.done)
 
-  def coefficients(self, grid):
+  def coefficients(self, grid, schedule):
     return {}  # nothing depends on the grid alone: the step sizes are chosen on the fly
 
   def init(self, denoiser, schedule, grid, x, key):

@@ -93,7 +93,7 @@ class DPMSolverMultistep(base.Solver):
     return multistep_orders(grid.num_steps, grid.capacity - 1, self.order, self.lower_order_final,
                             self.lower_order_final_below, grid.sigma[1:] == 0)
 
-  def coefficients(self, grid):
+  def coefficients(self, grid, schedule):
     h = exponential.step_sizes(grid)
     a_s, a_t, s_s, s_t = grid.alpha[:-1], grid.alpha[1:], grid.sigma[:-1], grid.sigma[1:]
     orders = self.step_orders(grid)

@@ -177,7 +177,7 @@ class DPMSolverSinglestep(base.Solver):
     orders = group_orders(n, grid.capacity - 1, self.order, self.schedule, grid.sigma[n] == 0)
     return stage_arrays(orders, n)
 
-  def coefficients(self, grid):
+  def coefficients(self, grid, schedule):
     start, stage, k = self.stages(grid)
     length, last = start.shape[0], grid.capacity - 1
     lam, alpha, sigma = grid.lam, grid.alpha, grid.sigma

@@ -7,7 +7,7 @@ not a compile-time constant: one compilation serves every NFE up to the capacity
 new params, keys and grids never recompile, and the loop is reverse-mode differentiable and vmappable.
 With ``jax.disable_jit()`` the same code runs as a host-side Python loop (the debug path).
 """
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ class Solution(NamedTuple):
 def _run(solver, denoiser, schedule, grid, x, key, return_trajectory):
   _TRACES[0] += 1
   steps = jnp.arange(solver.num_iterations(grid))
-  coeffs = solver.coefficients(grid)
+  coeffs = solver.coefficients(grid, schedule)
   state = solver.init(denoiser, schedule, grid, x, key)
 
   def body(state, row):

@@ -29,7 +29,7 @@ from typing import Any, Optional, Tuple
 
 import jax.numpy as jnp
 
-from solvers import base, exponential, predictions
+from solvers import base, exponential
 from solvers.dpm_solver_multistep import PREDICTIONS, DPMSolverMultistep, multistep_orders
 
 VARIANTS = ("bh1", "bh2")
@@ -182,14 +182,14 @@ class UniPC(base.Solver):
     anchor = exponential.previous(anchor, 1, 0.0)
     return jnp.where(on, 0.0, 1.0), jnp.where(on, anchor, 0.0), jnp.where(on[:, None], weights, 0.0)
 
-  def coefficients(self, grid):
+  def coefficients(self, grid, schedule):
     h = exponential.step_sizes(grid)
     if self.predictor is None:
       orders = self.step_orders(grid)
       pred_anchor, pred_hist = self._unip(grid, h, orders)
     else:
       orders = self.predictor.step_orders(grid)
-      rows = self.predictor.coefficients(grid)
+      rows = self.predictor.coefficients(grid, schedule)
       pred_anchor = rows["anchor"]
       pred_hist = jnp.pad(rows["hist"], ((0, 0), (0, self.order + 1 - rows["hist"].shape[1])))
     corr_x, corr_anchor, corr_hist = self._unic(grid, h, orders)

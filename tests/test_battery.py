@@ -80,7 +80,7 @@ def test_state_keeps_shape_and_dtype(name, dtype):
   denoiser = oracle.denoiser(SCHEDULE)
   x = _x_T(oracle, dtype=dtype)
   state = jax.eval_shape(lambda x: solver.init(denoiser, SCHEDULE, grid, x, jax.random.key(0)), x)
-  coeffs = jax.eval_shape(solver.coefficients, grid)
+  coeffs = jax.eval_shape(lambda g: solver.coefficients(g, SCHEDULE), grid)
   for i in range(3):
     row = jax.tree_util.tree_map(lambda c: jax.ShapeDtypeStruct(c.shape[1:], c.dtype), coeffs)
     new = jax.eval_shape(lambda s, c, i=i: solver.step(denoiser, SCHEDULE, grid, c, i, s), state, row)

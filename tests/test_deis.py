@@ -9,7 +9,7 @@ from scipy import integrate
 
 import solvers
 from models import analytic
-from solvers import deis, dpm_solver_multistep, grids, predictions, schedules
+from solvers import deis, grids, predictions, schedules
 
 SCHEDULE = schedules.VPLinear()
 
@@ -43,15 +43,15 @@ def test_degree_zero_and_euler_sample_as_ddim(final):
 def test_degree_zero_and_euler_tables_are_ddims(schedule, final):
   grid = grids.uniform_logsnr(schedule, 7, final=final, capacity=16)
   n = int(grid.num_steps)
-  ddim = solvers.get("ddim_eps").coefficients(grid)
+  ddim = solvers.get("ddim_eps").coefficients(grid, schedule)
   t_ab = deis.DEISMultistep(0, "t_ab")
-  rho_ab = deis.DEISMultistep(0, "rho_ab").coefficients(grid)
+  rho_ab = deis.DEISMultistep(0, "rho_ab").coefficients(grid, schedule)
   euler = deis.DEISRungeKutta("1euler")
   np.testing.assert_array_equal(t_ab.t_ab_weights(schedule, grid)[:n, 0], ddim["m"][:n])
   np.testing.assert_array_equal(rho_ab["hist"][:n, 0], ddim["m"][:n])
   np.testing.assert_array_equal(rho_ab["anchor"][:n], ddim["x"][:n])
-  np.testing.assert_allclose(euler.stage_table(schedule, grid)["b"][:n, 0], ddim["m"][:n], rtol=1e-14)
-  np.testing.assert_array_equal(euler.coefficients(grid)["x"][:n], ddim["x"][:n])
+  np.testing.assert_allclose(euler.coefficients(grid, schedule)["b"][:n, 0], ddim["m"][:n], rtol=1e-14)
+  np.testing.assert_array_equal(euler.coefficients(grid, schedule)["x"][:n], ddim["x"][:n])
 
 
 # ---- tAB: the paper's form and exactness ---------------------------------------------------------------
@@ -120,7 +120,7 @@ def _multistep_step_from_history(solver, denoiser, grid, i, x):
   past = [denoiser.predict("eps", x, t[i - 1 - j], SCHEDULE) if i - 1 - j >= 0 else jnp.zeros_like(x)
           for j in range(state.hist.shape[0])]
   state = state._replace(hist=jnp.stack(past))
-  row = jax.tree_util.tree_map(lambda c: c[i], solver.coefficients(grid))
+  row = jax.tree_util.tree_map(lambda c: c[i], solver.coefficients(grid, SCHEDULE))
   return solver.step(denoiser, SCHEDULE, grid, row, i, state).x
 
 
@@ -214,7 +214,7 @@ def test_rho_rk_step_is_exact_for_polynomial_eps_in_rho(name, final):
   for d in (degree, degree + 1):  # exact for the rule's degree, and not beyond (the test can fail)
     denoiser, params = _poly_denoiser(d, "rho")
     state = solver.init(denoiser, SCHEDULE, grid, x, jax.random.key(0))
-    row = jax.tree_util.tree_map(lambda c: c[i], solver.coefficients(grid))
+    row = jax.tree_util.tree_map(lambda c: c[i], solver.coefficients(grid, SCHEDULE))
     got = solver.step(denoiser, SCHEDULE, grid, row, i, state)
     exact = alpha[i + 1] * (x / alpha[i] + _rho_integral(params, rho[i], rho[i + 1]))
     error = np.max(np.abs(got.x - exact))
@@ -232,7 +232,7 @@ def test_rho_rk_never_evaluates_at_sigma_zero():
   oracle, x = _x()
   grid = grids.uniform_logsnr(SCHEDULE, 8, final="zero", capacity=16)
   for name in ("2heun", "3kutta", "4rk"):
-    table = deis.DEISRungeKutta(name).stage_table(SCHEDULE, grid)
+    table = deis.DEISRungeKutta(name).coefficients(grid, SCHEDULE)
     assert float(jnp.min(SCHEDULE.sigma(table["t"][: int(grid.num_steps)]))) > 0
   solver = deis.DEISRungeKutta("4rk")
   from_x0 = _sample(solver, oracle.denoiser(SCHEDULE, "x0"), grid, x)
@@ -311,38 +311,21 @@ def _diffusers_closed_form_weights(grid, order):
 @pytest.mark.parametrize("order", [2, 3])
 def test_log_rho_weights_match_diffusers_closed_forms(order):
   grid = grids.karras(SCHEDULE, 12)
-  solver = deis.DEISLogRho(order=order, lower_order_final=False)
-  got = np.asarray(solver.coefficients(grid)["hist"])[: int(grid.num_steps)]
+  solver = deis.deis_logrho(order=order, lower_order_final=False)
+  got = np.asarray(solver.coefficients(grid, SCHEDULE)["hist"])[: int(grid.num_steps)]
   np.testing.assert_allclose(got, _diffusers_closed_form_weights(grid, order), rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("final", grids.FINAL_POLICIES)
-def test_log_rho_2_is_dpm_solver_heun_2m_and_3_is_exact_3m(final):
-  oracle = analytic.gmm(dim=3)
-  x = oracle.sample(jax.random.key(0), 4, SCHEDULE.alpha(SCHEDULE.t_max), SCHEDULE.sigma(SCHEDULE.t_max))
-  denoiser = oracle.denoiser(SCHEDULE, "x0")
-  for steps in (8, 20):
-    grid = grids.uniform_logsnr(SCHEDULE, steps, final=final, capacity=32)
-    for below in (15, None):  # lower-order final as diffusers (N < 15), and always
-      dpm2 = solvers.get("dpm_solver_2m", solver_type="heun", lower_order_final_below=below)
-      np.testing.assert_allclose(_sample(solvers.get("deis_logrho_2", lower_order_final_below=below), denoiser, grid, x),
-                                 _sample(dpm2, denoiser, grid, x), rtol=1e-12, atol=1e-12)
-    dpm3 = dpm_solver_multistep.DPMSolverMultistep(order=3, prediction="noise", solver_type="heun",
-                                                   third_order="exact", lower_order_final_below=15)
-    np.testing.assert_allclose(_sample(solvers.get("deis_logrho_3"), denoiser, grid, x), _sample(dpm3, denoiser, grid, x),
-                               rtol=1e-12, atol=1e-12)
 
 
 def test_log_rho_lower_order_final_below_15_steps():
   for steps, capped in ((10, True), (14, True), (15, False)):
     grid = grids.uniform_logsnr(SCHEDULE, steps)
-    hist = np.asarray(deis.DEISLogRho(order=3).coefficients(grid)["hist"])
+    hist = np.asarray(deis.deis_logrho(order=3).coefficients(grid, SCHEDULE)["hist"])
     nonzero = (hist[:steps] != 0).sum(axis=1)
     expected = np.minimum(3, np.arange(steps) + 1)
     if capped:
       expected = np.minimum(expected, steps - np.arange(steps))
     np.testing.assert_array_equal(nonzero, expected)
-  assert deis.DEISLogRho(order=3).for_order_measurement().lower_order_final is False
+  assert deis.deis_logrho(order=3).for_order_measurement().lower_order_final is False
 
 
 def test_bad_options_raise():
@@ -355,5 +338,5 @@ def test_bad_options_raise():
   with pytest.raises(ValueError, match="rk_method"):
     deis.DEISRungeKutta("5dopri")
   with pytest.raises(ValueError, match="order"):
-    deis.DEISLogRho(order=4)
+    deis.deis_logrho(order=4)
   assert [solvers.get(f"deis_tab{r}").declared_order for r in (1, 2, 3)] == [2, 3, 4]

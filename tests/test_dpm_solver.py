@@ -59,7 +59,7 @@ def _step_error_with_exact_history(solver, coefficients, step):
   denoiser = _polynomial_denoiser(coefficients, kind)
   grid = grids.from_times(SCHEDULE, np.array([0.9, 0.7, 0.45, 0.3, 0.2]))
   lam = np.asarray(grid.lam)
-  coeffs = solver.coefficients(grid)
+  coeffs = solver.coefficients(grid, SCHEDULE)
   state = solver.init(denoiser, SCHEDULE, grid, jnp.ones((1, 2)), jax.random.key(0))
   x = 1.0
   for i in range(step + 1):
