@@ -1,4 +1,5 @@
-"""Parity with diffusers' PyTorch schedulers on the same analytic model (DDIM, multistep DPM-Solver / ++).
+"""Parity with diffusers' PyTorch schedulers on the same analytic model: DDIM, DPM-Solver / ++ (multistep and
+singlestep), DEIS (log-rho).
 
 Both sides sample the same Gaussian mixture (``models.analytic``: exact eps and x0 at any (alpha, sigma))
 from the same x_T, with the same betas (DDPM linear 1e-4..0.02, 1000 steps), the same integer timesteps
@@ -12,11 +13,11 @@ sigma from the scheduler's own ``alphas_cumprod[timestep]``.
 Each diffusers run is made in up to three modes (``run_diffusers(mode=...)``):
 - ``float64``: the scheduler's own code, with the ``float32`` its module names read as ``float64``
   (``_float64_module``), so its betas, alphas_cumprod and sigmas are built in float64 and the multistep
-  DPM ``step()`` no longer casts the sample to float32. This is algorithmic parity: measured <= 1e-14
+  DPM ``step()`` no longer casts the sample to float32. This is algorithmic parity: measured <= 4e-14
   relative on every case here; tolerance ``F64_RTOL = 1e-11``.
 - ``stock``: diffusers as shipped: float32 betas / alphas_cumprod / sigmas, DPM steps in float32 (the model
-  stays float64, at the float32 alphas_cumprod). Measured up to 3.5e-5 relative (3M into sigma_min,
-  N = 15); tolerance ``STOCK_RTOL = 1e-4``. It is diffusers' float32, not the algorithm: in the
+  stays float64, at the float32 alphas_cumprod). Measured up to 4.4e-5 relative (3S heun and 3M into
+  sigma_min, N = 15); tolerance ``STOCK_RTOL = 1e-4``. It is diffusers' float32, not the algorithm: in the
   ``float32_tables`` mode (the shipped float32 table, float64 arithmetic) diffusers agrees with our solver
   run on that same table to 1e-14 again; for 3M into sigma_min the table accounts for nearly all of the
   stock difference (``test_stock_residual_is_diffusers_float32_table_and_arithmetic``).
@@ -29,7 +30,7 @@ tolerance is the check that tells every configuration apart.
 
 Differences on purpose or diffusers bugs are tests too: DDIM's prev_t = t - T // N with non-leading
 spacings (diffusers #9261, #12633), the zero-length final step of Karras + 'sigma_min' (#6477; NaN in
-float32 for 2M heun and 3M), our exactly-integrated 3M, our default lower-order-final threshold (10, as
+float32 for 2M heun and 3M), diffusers' 3S midpoint second stage, our exactly-integrated 3M, our default lower-order-final threshold (10, as
 the official code, vs diffusers' 15) and trailing spacings that give diffusers n + 1 timesteps.
 ``python -m tests.test_diffusers_parity`` prints the table of docs/parity.md.
 """
@@ -53,12 +54,15 @@ import solvers  # noqa: E402
 from models import analytic  # noqa: E402
 from solvers import grids, schedules  # noqa: E402
 from solvers.ddim import DDIM  # noqa: E402
+from solvers.dpm_solver_singlestep import DPMSolverSinglestep  # noqa: E402
 from solvers.dpm_solver_multistep import DPMSolverMultistep  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),  # diffusers deprecates algorithm_type='dpmsolver'
     # diffusers calls np.array(tensor): torch's __array__ has no copy argument (numpy 2 migration warning).
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    # diffusers' DEIS applies np.log to torch tensors (numpy 2 migration warning, once per step).
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
 ]
 
 NUM_TRAIN = 1000
@@ -253,6 +257,47 @@ def dpm_case(name, final, num_steps, modes=("float64", "stock"), spacing="linspa
   return ours, nfe, runs, grid
 
 
+def deis_case(order, num_steps, modes=("float64", "stock"), spacing="linspace", steps_offset=0):
+  """DEISMultistepScheduler (log-rho AB; it always ends at the sigma of index 0) vs ``deis_logrho_{order}``
+  (the noise-form DPM-Solver it equals, with diffusers' lower-order-final rule, below 15 steps)."""
+  config = dict(solver_order=order, timestep_spacing=spacing, steps_offset=steps_offset)
+  runs = {mode: run_diffusers(diffusers.DEISMultistepScheduler, config, num_steps, mode) for mode in modes}
+  grid = dpm_grid(runs[modes[0]].timesteps, "sigma_min")
+  ours, nfe = run_ours(solvers.get(f"deis_logrho_{order}"), grid)
+  return ours, nfe, runs, grid
+
+
+def _singlestep_case_table():
+  cases = {}
+  for prediction, algorithm in (("data", "dpmsolver++"), ("noise", "dpmsolver")):
+    for order in (2, 3):
+      for solver_type in ("midpoint", "heun"):
+        config = dict(algorithm_type=algorithm, solver_order=order, solver_type=solver_type)
+        cases[f"{algorithm} {order}S {solver_type}"] = (config, DPMSolverSinglestep(
+            order=order, prediction=prediction, solver_type=solver_type))
+  return cases
+
+
+SINGLESTEP_CASES = _singlestep_case_table()
+# 3S midpoint differs on purpose (test_singlestep_3s_midpoint_differs...).
+SINGLESTEP_PARITY = [name for name in SINGLESTEP_CASES if "3S midpoint" not in name]
+
+
+def singlestep_case(name, final, num_steps, lower_order_final=False, modes=("float64", "stock")):
+  """DPMSolverSinglestepScheduler (one model call per step() on the global grid, its groups from
+  ``get_order_list``) vs DPMSolverSinglestep with the same group orders: schedule='diffusers' is its list
+  with lower_order_final=True, which it forces when N % order != 0 or the end is 'zero' (default False),
+  and 'fixed' is its list with lower_order_final=False."""
+  config, solver = SINGLESTEP_CASES[name]
+  config = dict(config, final_sigmas_type=final, lower_order_final=lower_order_final)
+  runs = {mode: run_diffusers(diffusers.DPMSolverSinglestepScheduler, config, num_steps, mode) for mode in modes}
+  effective = runs[modes[0]].scheduler.config.lower_order_final
+  solver = dataclasses.replace(solver, schedule="diffusers" if effective else "fixed")
+  grid = dpm_grid(runs[modes[0]].timesteps, final)
+  ours, nfe = run_ours(solver, grid)
+  return ours, nfe, runs, grid
+
+
 # --- DDIM --------------------------------------------------------------------------------------------------
 # One test per setting, looping over the step counts: each solver configuration compiles once per worker.
 
@@ -342,6 +387,39 @@ def test_parity_for_other_prediction_types(name, prediction_type):
       _assert_close(ours, runs["stock"].x, STOCK_RTOL, what + " (stock)")
 
 
+@pytest.mark.parametrize("order", (2, 3))
+def test_deis_logrho_parity(order):
+  for num_steps in STEPS:
+    ours, nfe, runs, grid = deis_case(order, num_steps)
+    what = f"DEIS log-rho order {order} N={num_steps}"
+    np.testing.assert_allclose(np.exp(-np.asarray(grid.lam[: num_steps + 1])), runs["float64"].sigmas,
+                               rtol=1e-12, err_msg=what)
+    _assert_close(ours, runs["float64"].x, F64_RTOL, what + " (float64)")
+    _assert_close(ours, runs["stock"].x, STOCK_RTOL, what + " (stock)")
+    assert nfe == runs["float64"].nfe == num_steps
+  for spacing, offset in OTHER_SPACINGS:
+    for num_steps in (7, 20):
+      ours, _, runs, _ = deis_case(order, num_steps, spacing=spacing, steps_offset=offset)
+      what = f"DEIS log-rho order {order} {spacing} steps_offset={offset} N={num_steps}"
+      _assert_close(ours, runs["float64"].x, F64_RTOL, what + " (float64)")
+      _assert_close(ours, runs["stock"].x, STOCK_RTOL, what + " (stock)")
+
+
+@pytest.mark.parametrize("name", SINGLESTEP_PARITY)
+def test_dpm_singlestep_parity(name):
+  finals = ("zero", "sigma_min") if name.startswith("dpmsolver++") else ("sigma_min",)
+  for final in finals:
+    for lower_order_final in (False, True):
+      for num_steps in STEPS:
+        ours, nfe, runs, grid = singlestep_case(name, final, num_steps, lower_order_final)
+        what = f"{name} final={final} lower_order_final={lower_order_final} N={num_steps}"
+        np.testing.assert_allclose(np.exp(-np.asarray(grid.lam[: num_steps + 1])), runs["float64"].sigmas,
+                                   rtol=1e-12, err_msg=what)
+        _assert_close(ours, runs["float64"].x, F64_RTOL, what + " (float64)")
+        _assert_close(ours, runs["stock"].x, STOCK_RTOL, what + " (stock)")
+        assert nfe == runs["float64"].nfe == num_steps
+
+
 def test_stock_residual_is_diffusers_float32_table_and_arithmetic():
   """The stock difference is diffusers' float32: run on its own float32 alphas_cumprod with float64
   arithmetic, diffusers agrees with our solver on that same table as tightly as in the float64 mode. Here
@@ -391,6 +469,20 @@ def test_exactly_integrated_3m_differs_from_diffusers_3m():
   exact, _ = run_ours(dataclasses.replace(DPM_CASES[name][1], third_order="exact"), grid)
   _assert_close(ours, runs["float64"].x, F64_RTOL, "reference 3M")
   assert rel_diff(exact, runs["float64"].x) > DIFFERS
+
+
+@pytest.mark.parametrize("name", ("dpmsolver++ 3S midpoint", "dpmsolver 3S midpoint"))
+def test_singlestep_3s_midpoint_differs_in_its_second_stage(name):
+  """diffusers' 3S computes the second stage u2 with the update of its solver_type, so for 'midpoint' with the
+  midpoint form; the official code (and ours) always takes the taylor form there (spec 4.4). 'heun' agrees
+  (test_dpm_singlestep_parity), and so does 3S midpoint where it has no third-order group."""
+  final = "sigma_min"
+  for num_steps in (7, 20):
+    ours, _, runs, _ = singlestep_case(name, final, num_steps, modes=("float64",))
+    assert rel_diff(ours, runs["float64"].x) > DIFFERS
+  for num_steps in (1, 2):  # groups [1] and [1, 1] / [2]: no second stage of a third-order group
+    ours, _, runs, _ = singlestep_case(name, final, num_steps, modes=("float64",))
+    _assert_close(ours, runs["float64"].x, F64_RTOL, f"{name} N={num_steps}")
 
 
 @pytest.mark.parametrize("name", ("dpmsolver++ 2M midpoint", "dpmsolver++ 2M heun", "dpmsolver++ 3M midpoint"))
@@ -464,6 +556,20 @@ def parity_table():
       ours, _, runs, _ = dpm_case(name, final, n)
       pairs.append((rel_diff(ours, runs["float64"].x), rel_diff(ours, runs["stock"].x)))
     row(name, f"linspace, final {final}", pairs)
+  for order in (2, 3):
+    pairs = []
+    for n in STEPS:
+      ours, _, runs, _ = deis_case(order, n)
+      pairs.append((rel_diff(ours, runs["float64"].x), rel_diff(ours, runs["stock"].x)))
+    row(f"DEIS log-rho order {order} (`deis_logrho_{order}`)", "linspace, final sigma_min (always)", pairs)
+  for name in SINGLESTEP_PARITY:
+    for final in ("zero", "sigma_min") if name.startswith("dpmsolver++") else ("sigma_min",):
+      for lower_order_final in (False, True):
+        pairs = []
+        for n in STEPS:
+          ours, _, runs, _ = singlestep_case(name, final, n, lower_order_final)
+          pairs.append((rel_diff(ours, runs["float64"].x), rel_diff(ours, runs["stock"].x)))
+        row(name, f"final {final}, lower_order_final={lower_order_final}", pairs)
   return "\n".join(rows)
 
 
