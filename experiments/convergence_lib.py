@@ -362,50 +362,61 @@ def format_table(results):
   return "\n".join(out) + "\n"
 
 
+def solver_family(name):
+  """The panel a solver is drawn in: its family, from the registered name."""
+  tokens = name.split("_")
+  if tokens[0] == "unipc" or tokens[-1] == "unic":
+    return "UniPC / UniC"
+  if tokens[0] == "deis":
+    return "DEIS"
+  if tokens[0] == "dpm":
+    if tokens[-1] in ("12", "23"):
+      return "DPM-Solver adaptive"
+    return "DPM-Solver singlestep" if tokens[-1].endswith("s") else "DPM-Solver multistep"
+  return tokens[0].upper()
+
+
 def plot(results):
-  """PNG bytes: log-log RMSE against NFE, one panel per problem, one line per solver, reference slopes."""
+  """PNG bytes: log-log RMSE against NFE; a row per problem, a panel per solver family, reference slopes."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.ticker
   from matplotlib import pyplot as plt
 
   problems = list(results["problems"])
-  fig, axes = plt.subplots(1, len(problems), figsize=(6 * len(problems), 4.8), squeeze=False)
-  for ax, problem in zip(axes[0], problems):
+  families = sorted({solver_family(n) for p in problems for n in results["problems"][p]["solvers"]})
+  fig, axes = plt.subplots(len(problems), len(families), figsize=(4.2 * len(families), 3.8 * len(problems)),
+                           squeeze=False)
+  for row, problem in zip(axes, problems):
     entry = results["problems"][problem]
-    anchors, errs, orders, nfe_all = [], [], set(), []
-    for name, rec in entry["solvers"].items():
-      pts = [(r["nfe"], r["rmse"]) for r in rec["runs"] if r.get("rmse")]
-      if not pts:
-        continue
-      nfe, err = zip(*pts)
-      label = f"{name} (fit {_fmt_order(rec['fitted_order'])}, p={rec['declared_order']})"
-      ax.loglog(nfe, err, "o-", ms=4, label=label)
-      anchors.append(err[0])
-      errs += list(err)
-      nfe_all += list(nfe)
-      orders.add(rec["declared_order"])
-    if nfe_all:
-      lo, hi = min(nfe_all), max(nfe_all)
-      xs = np.array([lo, hi], np.float64)
-      anchor = float(np.exp(np.mean(np.log(anchors)))) * 2.0
-      for p in sorted(orders):
-        ax.loglog(xs, anchor * (xs / lo) ** (-float(p)), "--", color="gray", lw=0.8)
-        ax.annotate(f"slope -{p}", (hi, anchor * (hi / lo) ** (-float(p))), fontsize=8, color="gray")
-      if min(errs) < 100 * entry["error_floor"]:  # only when the data come near it
-        ax.axhline(entry["error_floor"], color="lightgray", lw=0.8, ls=":", label="fit floor")
-      if len(set(nfe_all)) <= 12:
-        ax.set_xticks(sorted(set(nfe_all)))
-      ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_title(f"{problem}: {entry['answer'].split(' ')[0]} answer, t={entry['t_start']:g} -> "
-                 f"{'sigma=0' if entry['sigma_end'] == 0 else format(entry['t_end'], 'g')}")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("RMSE")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, family in zip(row, families):
+      anchors, orders, nfe_all = [], set(), []
+      for name, rec in entry["solvers"].items():
+        pts = [(r["nfe"], r["rmse"]) for r in rec["runs"] if r.get("rmse")]
+        if solver_family(name) != family or not pts:
+          continue
+        nfe, err = zip(*pts)
+        ax.loglog(nfe, err, "o-", ms=3, label=f"{name} (fit {_fmt_order(rec['fitted_order'])}, p={rec['declared_order']})")
+        anchors.append(err[0])
+        nfe_all += list(nfe)
+        orders.add(rec["declared_order"])
+      if nfe_all:
+        lo, hi = min(nfe_all), max(nfe_all)
+        xs = np.array([lo, hi], np.float64)
+        anchor = float(np.exp(np.mean(np.log(anchors)))) * 2.0
+        for p in sorted(orders):
+          ax.loglog(xs, anchor * (xs / lo) ** (-float(p)), "--", color="gray", lw=0.8)
+          ax.annotate(f"-{p}", (hi, anchor * (hi / lo) ** (-float(p))), fontsize=7, color="gray")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+      end = "sigma=0" if entry["sigma_end"] == 0 else format(entry["t_end"], "g")
+      ax.set_title(f"{problem} ({entry['answer'].split(' ')[0]}, t={entry['t_start']:g}->{end}): {family}", fontsize=8)
+      ax.set_xlabel("NFE")
+      ax.set_ylabel("RMSE")
+      ax.grid(True, which="both", alpha=0.3)
+      ax.legend(fontsize=6)
   fig.tight_layout()
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
+  fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
   return buf.getvalue()
