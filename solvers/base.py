@@ -37,6 +37,13 @@ def cast_coefficients(coeffs, x):
   return jax.tree_util.tree_map(lambda c: jnp.asarray(c, compute_dtype(x)), coeffs)
 
 
+def check_options(solver, choices):
+  """Raises a ValueError naming the option whose value is not among its valid ones: choices = ((name, valid), ...)."""
+  for name, valid in choices:
+    if getattr(solver, name) not in valid:
+      raise ValueError(f"{name}={getattr(solver, name)!r} is unknown; valid: {', '.join(map(str, valid))}")
+
+
 def step_key(key, i):
   """The key of step i: samples do not depend on how many steps were taken before the draw."""
   return jax.random.fold_in(key, i)

@@ -72,10 +72,8 @@ class DPMSolverMultistep(base.Solver):
   def __post_init__(self):
     if self.order not in (1, 2, 3):
       raise ValueError(f"order={self.order!r} is not supported; valid: 1, 2, 3")
-    for name, valid in (("prediction", PREDICTIONS), ("solver_type", SOLVER_TYPES), ("third_order", THIRD_ORDER),
-                        ("threshold_semantics", predictions.THRESHOLD_SEMANTICS)):
-      if getattr(self, name) not in valid:
-        raise ValueError(f"{name}={getattr(self, name)!r} is unknown; valid: {', '.join(valid)}")
+    base.check_options(self, (("prediction", PREDICTIONS), ("solver_type", SOLVER_TYPES), ("third_order", THIRD_ORDER),
+                              ("threshold_semantics", predictions.THRESHOLD_SEMANTICS)))
 
   @property
   def declared_order(self):

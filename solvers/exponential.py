@@ -78,6 +78,21 @@ def table_step(denoiser, schedule, grid, kind, coeffs, i, state):
   return state._replace(x=x, anchor=anchor, hist=hist, nfe=state.nfe + 1)
 
 
+def first_order_rows(grid, data):
+  """(anchor weight, weight of m_s, c_t) of the first-order (DDIM) step between consecutive nodes.
+
+  data: x_t = (sigma_t / sigma_s) x_s + alpha_t a1(h) x0_s, c_t = alpha_t; noise: x_t = (alpha_t / alpha_s) x_s
+  - sigma_t expm1(h) eps_s, c_t = sigma_t, with the finite limit -alpha_t sigma_s / alpha_s at sigma_t = 0.
+  """
+  a_s, a_t, s_s, s_t = grid.alpha[:-1], grid.alpha[1:], grid.sigma[:-1], grid.sigma[1:]
+  h = step_sizes(grid)
+  if data:
+    return s_t / s_s, a_t * data_weight(1, h), a_t
+  finite = s_t > 0
+  m = jnp.where(finite, -s_t * noise_weight(1, jnp.where(finite, h, 0.0)), -a_t * s_s / a_s)
+  return a_t / a_s, m, s_t
+
+
 def step_sizes(grid):
   """h_i = lambda_{i+1} - lambda_i for the capacity - 1 steps of the grid (padding gives 0 or nan)."""
   return grid.lam[1:] - grid.lam[:-1]

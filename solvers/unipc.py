@@ -85,9 +85,7 @@ class UniPC(base.Solver):
   def __post_init__(self):
     if self.order not in (1, 2, 3):
       raise ValueError(f"order={self.order!r} is not supported; valid: 1, 2, 3")
-    for name, valid in (("variant", VARIANTS), ("prediction", PREDICTIONS)):
-      if getattr(self, name) not in valid:
-        raise ValueError(f"{name}={getattr(self, name)!r} is unknown; valid: {', '.join(valid)}")
+    base.check_options(self, (("variant", VARIANTS), ("prediction", PREDICTIONS)))
     if self.predictor is not None:
       if not hasattr(self.predictor, "step_orders") or getattr(self.predictor, "prediction", None) != self.prediction:
         raise ValueError(f"predictor {self.predictor!r} must be a table-driven multistep solver with "
@@ -120,16 +118,9 @@ class UniPC(base.Solver):
   def _unip(self, grid, h, orders):
     """Predictor rows: anchor weight and hist weights (L, order + 1)."""
     data = self.prediction == "data"
-    a_s, a_t, s_s, s_t = grid.alpha[:-1], grid.alpha[1:], grid.sigma[:-1], grid.sigma[1:]
     r = _ratios(h, max(self.order - 1, 1))
     weights = jnp.zeros(h.shape + (self.order + 1,))
-    if data:
-      anchor, base_m, c_t = s_t / s_s, a_t * exponential.data_weight(1, h), a_t
-    else:
-      # sigma_t expm1(h) -> alpha_t sigma_s / alpha_s at sigma_t = 0 (first order there).
-      anchor = a_t / a_s
-      base_m = jnp.where(s_t > 0, -s_t * exponential.noise_weight(1, jnp.where(s_t > 0, h, 0.0)), -a_t * s_s / a_s)
-      c_t = s_t
+    anchor, base_m, c_t = exponential.first_order_rows(grid, data)
     by_order = []
     for p in range(1, self.order + 1):
       w = weights.at[:, 0].set(base_m)
@@ -147,14 +138,8 @@ class UniPC(base.Solver):
   def _unic(self, grid, h, orders):
     """Corrector rows of step j = i - 1 -> i, laid out for iteration i: (x weight, anchor weight, hist weights)."""
     data = self.prediction == "data"
-    a_s, a_t, s_s, s_t = grid.alpha[:-1], grid.alpha[1:], grid.sigma[:-1], grid.sigma[1:]
     r = _ratios(h, max(self.order - 1, 1))
-    if data:
-      anchor, base_m, c_t = s_t / s_s, a_t * exponential.data_weight(1, h), a_t
-    else:
-      anchor = a_t / a_s
-      base_m = jnp.where(s_t > 0, -s_t * exponential.noise_weight(1, jnp.where(s_t > 0, h, 0.0)), -a_t * s_s / a_s)
-      c_t = s_t
+    anchor, base_m, c_t = exponential.first_order_rows(grid, data)
     # Hist at iteration j + 1: [m_{j+1}, m_j, m_{j-1}, ...]; the step's own base value m_j is hist[1].
     size = self.order + 1
     by_order = []
