@@ -113,11 +113,7 @@ class DPMSolverMultistep(base.Solver):
     return {"anchor": a_t / a_s, "hist": hist, "end": jnp.ones_like(h)}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
-    if self.thresholding:
-      denoiser = predictions.Thresholded(inner=denoiser, ratio=self.threshold_ratio, max_val=self.threshold_max_val,
-                                         semantics=self.threshold_semantics)
-    kind = "x0" if self.prediction == "data" else "eps"
-    return exponential.table_step(denoiser, schedule, grid, kind, coeffs, i, state)
+    return exponential.prediction_table_step(self, denoiser, schedule, grid, coeffs, i, state)
 
 
 base.register("dpm_solver_pp_2m", lambda: DPMSolverMultistep(order=2))

@@ -204,11 +204,7 @@ class DPMSolverSinglestep(base.Solver):
             "end": jnp.where(valid, (stage == k - 1).astype(h_t.dtype), 1.0)}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
-    if self.thresholding:
-      denoiser = predictions.Thresholded(inner=denoiser, ratio=self.threshold_ratio, max_val=self.threshold_max_val,
-                                         semantics=self.threshold_semantics)
-    kind = "x0" if self.prediction == "data" else "eps"
-    return exponential.table_step(denoiser, schedule, grid, kind, coeffs, i, state)
+    return exponential.prediction_table_step(self, denoiser, schedule, grid, coeffs, i, state)
 
 
 def official_logsnr_grid(schedule, nfe, order, *, t_start=None, t_end=None, group_schedule="official",

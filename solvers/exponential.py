@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from solvers import base
+from solvers import base, predictions
 
 _SERIES_BELOW = 0.1
 _SERIES_TERMS = 10
@@ -76,6 +76,16 @@ def table_step(denoiser, schedule, grid, kind, coeffs, i, state):
   x = x.astype(state.x.dtype)
   anchor = jnp.where(c["end"] > 0, x, state.anchor)
   return state._replace(x=x, anchor=anchor, hist=hist, nfe=state.nfe + 1)
+
+
+def prediction_table_step(solver, denoiser, schedule, grid, coeffs, i, state):
+  """``table_step`` on the solver's ``prediction`` ('data': x0, 'noise': eps), through dynamic thresholding
+  when the solver's ``thresholding`` option is on (x0 is thresholded; eps is converted from it)."""
+  if solver.thresholding:
+    denoiser = predictions.Thresholded(inner=denoiser, ratio=solver.threshold_ratio, max_val=solver.threshold_max_val,
+                                       semantics=solver.threshold_semantics)
+  kind = "x0" if solver.prediction == "data" else "eps"
+  return table_step(denoiser, schedule, grid, kind, coeffs, i, state)
 
 
 def first_order_rows(grid, data):
