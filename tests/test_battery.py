@@ -117,7 +117,8 @@ def test_same_result_without_jit(name):
   assert int(eager.nfe) == int(jitted.nfe)
 
 
-def _counting_denoiser(oracle, counter):
+def counting_denoiser(oracle, counter):
+  """The oracle's denoiser (VP linear), adding 1 to counter[0] each time the model really runs."""
   inner = oracle.denoiser(SCHEDULE)
 
   def apply_fn(params, x, label, cond):
@@ -130,7 +131,7 @@ def _counting_denoiser(oracle, counter):
 @pytest.mark.parametrize("name", ALL)
 def test_reported_nfe_equals_model_calls(name):
   oracle, counter = _gaussian(), [0]
-  denoiser = _counting_denoiser(oracle, counter)
+  denoiser = counting_denoiser(oracle, counter)
   for steps, final in ((3, "t_end"), (7, "zero")):
     counter[0] = 0
     sol = _run(name, denoiser, grids.uniform_logsnr(SCHEDULE, steps, final=final), _x_T(oracle))

@@ -9,7 +9,8 @@ import solvers
 from models import analytic
 from solvers import dpm_solver_adaptive as adaptive
 from solvers import dpm_solver_singlestep as ss
-from solvers import grids, predictions, schedules
+from solvers import grids, schedules
+from tests.test_battery import counting_denoiser
 
 SCHEDULE = schedules.VPLinear()
 GRID = grids.uniform_logsnr(SCHEDULE, 3)  # only its first and last nodes matter
@@ -64,16 +65,6 @@ def test_error_falls_and_nfe_grows_as_rtol_falls(order, prediction):
   assert nfes[0] < nfes[1] < nfes[2] and all(n % order == 0 for n in nfes), nfes
 
 
-def _counting(oracle, counter):
-  inner = oracle.denoiser(SCHEDULE)
-
-  def apply_fn(params, x, label, cond):
-    jax.debug.callback(lambda: counter.__setitem__(0, counter[0] + 1))
-    return inner.apply_fn(params, x, label, cond)
-
-  return predictions.Denoiser(apply_fn=apply_fn, params=inner.params, prediction=inner.prediction)
-
-
 @pytest.mark.parametrize("order", [2, 3])
 def test_rejected_attempts_happen_for_a_large_first_step_and_count(order):
   oracle, counter = analytic.gmm(dim=3), [0]
@@ -82,7 +73,7 @@ def test_rejected_attempts_happen_for_a_large_first_step_and_count(order):
   for h_init in (0.05, 5.0):
     counter[0] = 0
     solver = adaptive.DPMSolverAdaptive(order=order, h_init=h_init, rtol=1e-3, atol=1e-4)
-    sol = solvers.sample(solver, _counting(oracle, counter), SCHEDULE, GRID, x, return_trajectory=True)
+    sol = solvers.sample(solver, counting_denoiser(oracle, counter), SCHEDULE, GRID, x, return_trajectory=True)
     jax.effects_barrier()
     assert int(sol.nfe) == counter[0] > 0
     assert int(sol.nfe) % order == 0
