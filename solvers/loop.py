@@ -5,7 +5,9 @@ The grid arrives padded to its capacity; ``lax.scan`` runs ``solver.num_iteratio
 skips the padding without a model call. The step count is therefore data,
 not a compile-time constant: one compilation serves every NFE up to the capacity at a given shape,
 new params, keys and grids never recompile, and the loop is reverse-mode differentiable and vmappable.
-With ``jax.disable_jit()`` the same code runs as a host-side Python loop (the debug path).
+A solver is a static (hashable) argument unless it is a pytree with leaves (``solvers.pytree.pytree_dataclass``):
+then its leaves, e.g. learned compensation ratios, are traced like the grid, so new values never recompile
+and gradients flow to them. With ``jax.disable_jit()`` the same code runs as a host-side Python loop (the debug path).
 """
 from typing import NamedTuple, Optional
 
@@ -48,7 +50,14 @@ def _run(solver, denoiser, schedule, grid, x, key, return_trajectory):
   return Solution(x=state.x, nfe=state.nfe, trajectory=trajectory)
 
 
-_run_jit = jax.jit(_run, static_argnames=("solver", "return_trajectory"))
+_run_static = jax.jit(_run, static_argnames=("solver", "return_trajectory"))
+_run_traced = jax.jit(_run, static_argnames=("return_trajectory",))
+
+
+def _has_leaves(solver):
+  """Whether the solver is a pytree with array leaves (learned parameters, e.g. DC-Solver's ratios)."""
+  leaves = jax.tree_util.tree_leaves(solver)
+  return not (len(leaves) == 1 and leaves[0] is solver)
 
 
 def _check_dtype(x):
@@ -78,4 +87,5 @@ def sample(solver, denoiser, schedule, grid, x_T, *, key=None, return_trajectory
     if solver.stochastic:
       raise ValueError(f"{type(solver).__name__} is stochastic: pass key=jax.random.key(seed)")
     key = jax.random.key(0)
-  return _run_jit(solver, denoiser, schedule, grid, jnp.asarray(x_T, dtype), key, return_trajectory)
+  run = _run_traced if _has_leaves(solver) else _run_static
+  return run(solver, denoiser, schedule, grid, jnp.asarray(x_T, dtype), key, return_trajectory)

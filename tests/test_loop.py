@@ -6,7 +6,7 @@ import pytest
 
 import solvers
 from models import analytic
-from solvers import ddim, grids, loop, schedules
+from solvers import base, ddim, grids, loop, pytree, schedules
 
 SCHEDULE = schedules.VPLinear()
 
@@ -155,3 +155,34 @@ def test_vmap_over_grids_of_different_lengths_is_exact_and_differentiable(final)
     np.testing.assert_allclose(batched[k], run(grid, x), rtol=1e-12)
   grad = jax.grad(lambda x_T: jnp.sum(jax.vmap(run, in_axes=(0, None))(stacked, x_T) ** 2))(x)
   assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+@pytree.pytree_dataclass
+class _ScaledDDIM(base.Solver):
+  """DDIM with its x-weight scaled by a traced leaf: a stand-in for solvers with learned parameters."""
+  scale: jnp.ndarray
+  inner: ddim.DDIM = pytree.static_field(default=ddim.DDIM())
+
+  def coefficients(self, grid, schedule):
+    rows = self.inner.coefficients(grid, schedule)
+    return {**rows, "x": rows["x"] * self.scale}
+
+  def step(self, denoiser, schedule, grid, coeffs, i, state):
+    return self.inner.step(denoiser, schedule, grid, coeffs, i, state)
+
+
+def test_solver_leaves_are_traced_not_static():
+  oracle = analytic.gmm(dim=3)
+  denoiser = oracle.denoiser(SCHEDULE)
+  x = _x_T(oracle, 4)
+  grid = grids.uniform_logsnr(SCHEDULE, 6)
+  run = lambda scale: solvers.sample(_ScaledDDIM(scale=scale), denoiser, SCHEDULE, grid, x).x
+  np.testing.assert_allclose(run(jnp.asarray(1.0)), solvers.sample("ddim", denoiser, SCHEDULE, grid, x).x, rtol=1e-13)
+  traces = loop.trace_count()
+  moved = run(jnp.asarray(1.01))
+  assert loop.trace_count() == traces  # a new leaf value does not recompile
+  assert not np.allclose(moved, run(jnp.asarray(1.0)))
+  loss = lambda scale: jnp.sum(run(scale) ** 2)
+  eps = 1e-6
+  fd = (loss(jnp.asarray(1.0 + eps)) - loss(jnp.asarray(1.0 - eps))) / (2 * eps)
+  np.testing.assert_allclose(jax.grad(loss)(jnp.asarray(1.0)), fd, rtol=1e-6)
