@@ -89,13 +89,16 @@ def prediction_table_step(solver, denoiser, schedule, grid, coeffs, i, state):
 
 
 def first_order_rows(grid, data):
-  """(anchor weight, weight of m_s, c_t) of the first-order (DDIM) step between consecutive nodes.
+  """(anchor weight, weight of m_s, c_t) of the first-order (DDIM) step between consecutive nodes."""
+  return first_order_weights(grid.alpha[:-1], grid.sigma[:-1], grid.alpha[1:], grid.sigma[1:], step_sizes(grid), data)
+
+
+def first_order_weights(a_s, s_s, a_t, s_t, h, data):
+  """(anchor weight, weight of m_s, c_t) of the first-order (DDIM) map from (a_s, s_s) to (a_t, s_t), h = lambda_t - lambda_s.
 
   data: x_t = (sigma_t / sigma_s) x_s + alpha_t a1(h) x0_s, c_t = alpha_t; noise: x_t = (alpha_t / alpha_s) x_s
   - sigma_t expm1(h) eps_s, c_t = sigma_t, with the finite limit -alpha_t sigma_s / alpha_s at sigma_t = 0.
   """
-  a_s, a_t, s_s, s_t = grid.alpha[:-1], grid.alpha[1:], grid.sigma[:-1], grid.sigma[1:]
-  h = step_sizes(grid)
   if data:
     return s_t / s_s, a_t * data_weight(1, h), a_t
   finite = s_t > 0
