@@ -8,7 +8,9 @@ For data x0 and x_t = alpha x0 + sigma eps, with any schedule of ``solvers.sched
 - ``GMM``: x0 ~ sum_k w_k N(mean_k, diag(std_k^2)); the posterior mean E[x0 | x_t] (so eps, x0, v,
   score, velocity) is exact; its PF-ODE has no closed form (use ``solvers.reference``).
 ``denoiser(schedule, prediction)`` wraps either as a ``solvers.Denoiser`` whose params are the oracle and
-the schedule, so it runs through every solver like a network would.
+the schedule, so it runs through every solver like a network would. A GMM is also class-conditional: a
+denoiser's ``cond`` (mixture weights, e.g. ``GMM.label(k)``) replaces its weights, so ``solvers.Guided``
+does classifier-free guidance with ``uncond=None`` (the unconditional mixture).
 """
 import dataclasses
 
@@ -26,6 +28,9 @@ class _Oracle:
     return Denoiser(apply_fn=_OracleApply(prediction), params={"oracle": self, "schedule": schedule},
                     prediction=prediction, time_label="t")
 
+  def conditioned(self, cond):
+    raise ValueError(f"{type(self).__name__} has no conditioning; cond must be None, got {cond!r}")
+
   def eps(self, x, alpha, sigma):
     return self.x0_eps(x, alpha, sigma)[1]
 
@@ -42,7 +47,8 @@ class _OracleApply:
   def __call__(self, params, x, t, cond):
     schedule = params["schedule"]
     alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-    x0, eps = params["oracle"].x0_eps(x, alpha, sigma)
+    oracle = params["oracle"] if cond is None else params["oracle"].conditioned(cond)
+    x0, eps = oracle.x0_eps(x, alpha, sigma)
     dalpha, dsigma = schedule.derivatives(t) if self.kind == "velocity" else (None, None)
     return from_x0_eps(self.kind, x0, eps, alpha, sigma, dalpha, dsigma).astype(x.dtype)
 
@@ -84,6 +90,14 @@ class GMM(_Oracle):
     log_p = (jnp.log(self.weights) - 0.5 * jnp.sum(jnp.log(2 * jnp.pi * var) * jnp.ones_like(resid), -1)
              - 0.5 * jnp.sum(resid**2 / var, -1))             # (..., K)
     return var, resid, log_p
+
+  def conditioned(self, weights):
+    """This mixture with other component weights (the class-conditional data distribution)."""
+    return self.replace(weights=jnp.asarray(weights, self.weights.dtype))
+
+  def label(self, k):
+    """One-hot weights of component k: the condition 'class k'."""
+    return jnp.zeros_like(self.weights).at[k].set(1.0)
 
   def log_prob(self, x, alpha=1.0, sigma=0.0):
     """log p_t(x) of the noised mixture (the data density at the defaults)."""
