@@ -106,6 +106,29 @@ def first_order_weights(a_s, s_s, a_t, s_t, h, data):
   return a_t / a_s, m, s_t
 
 
+def _det(m):
+  """Determinant of a batch of 1x1, 2x2 or 3x3 matrices (last two axes), written out."""
+  n = m.shape[-1]
+  if n == 1:
+    return m[..., 0, 0]
+  if n == 2:
+    return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
+  return sum(m[..., 0, k] * _det(jnp.delete(jnp.delete(m, 0, axis=-2), k, axis=-1)) * (-1.0) ** k for k in range(3))
+
+
+def solve_small(matrix, rhs):
+  """Solves the batched n x n systems matrix @ x = rhs (n <= 3, rhs (..., n)) by Cramer's rule.
+
+  The order conditions of the multistep methods are such tiny Vandermonde systems; written out they
+  compile in milliseconds, where jnp.linalg.solve's LU costs seconds per shape (eagerly, under
+  jax.disable_jit, too)."""
+  n = matrix.shape[-1]
+  if n > 3:
+    raise ValueError(f"solve_small handles n <= 3, got n={n}")
+  det = _det(matrix)
+  return jnp.stack([_det(matrix.at[..., :, k].set(rhs)) / det for k in range(n)], -1)
+
+
 def step_sizes(grid):
   """h_i = lambda_{i+1} - lambda_i for the capacity - 1 steps of the grid (padding gives 0 or nan)."""
   return grid.lam[1:] - grid.lam[:-1]

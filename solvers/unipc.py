@@ -68,7 +68,7 @@ def _solve(r, g, p, corrector):
     return jnp.full(r.shape[:1] + (1,), 0.5)
   nodes = jnp.concatenate([r[:, : p - 1], jnp.ones_like(r[:, :1])], -1)[:, :n] if corrector else r[:, :n]
   matrix = jnp.stack([nodes**i for i in range(n)], 1)  # rows i = 0..n-1: r_k^i
-  return jnp.linalg.solve(matrix, g[:, :n, None])[..., 0]
+  return exponential.solve_small(matrix, g[:, :n])
 
 
 @dataclasses.dataclass(frozen=True)
