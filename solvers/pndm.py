@@ -19,7 +19,9 @@ Midpoints (``midpoint``): 't' is the paper's (t + t') / 2. 'diffusers' is diffus
 (and e2's transfer goes to) t' + d; the two differ by one when t - t' is odd, as in diffusers.
 ``combine='v'`` reproduces diffusers' ``prediction_type='v_prediction'``: the raw v outputs are combined and the
 combination is converted to eps at the step's start (eps = alpha_s v + sigma_s x_s); the default 'eps' combines
-each output converted to eps where it was evaluated, as the paper.
+each output converted to eps where it was evaluated, as the paper. Converting v_i from (x_i, t_i) at (x_s, t_s)
+errs by (alpha_i - alpha_s) v_i + sigma_i x_i - sigma_s x_s = O(h), which weights summing to one do not cancel:
+'v' converges with order 1 only (measured in tests/test_pndm.py).
 
 A warm-up step (improved Euler, pseudo-RK4) that ends at sigma = 0 would evaluate eps at sigma = 0, where it
 is undefined: it is a DDIM step instead (one NFE), as EDM's Heun sampler skips its last correction.
@@ -101,8 +103,8 @@ class PNDM(base.Solver):
 
   @property
   def declared_order(self):
-    """2 for every method: the transfer weights the uniform mean of eps (module docstring)."""
-    return 2
+    """2 for every method: the transfer weights the uniform mean of eps; 1 with combine='v' (module docstring)."""
+    return 1 if self.combine == "v" else 2
 
   def _warm_up(self):
     """(warm-up steps, extra model calls per warm-up step)."""

@@ -161,6 +161,24 @@ def test_global_order_is_two_not_nominal(method):
     assert 1.8 < _slope(errors, steps) < 2.2, (method, errors)
 
 
+def test_combining_raw_v_is_first_order():
+  """diffusers' v_prediction convention (combine='v': v outputs combined, then converted at the step's start)
+  is a first-order method, while the same v model with combine='eps' keeps order 2."""
+  oracle = analytic.gaussian(dim=3, seed=5)
+  x = _x_T(oracle)
+  steps = (40, 80, 160)
+  for combine, order in (("v", 1), ("eps", 2)):
+    solver = PNDM(method="plms", combine=combine)
+    assert solver.declared_order == order
+    errors = []
+    for n in steps:
+      grid = grids.uniform_logsnr(SCHEDULE, n, capacity=256)
+      exact = oracle.pf_ode_solution(x, grid.alpha[0], grid.sigma[0], grid.alpha[n], grid.sigma[n])
+      sol = loop.sample(solver, oracle.denoiser(SCHEDULE, "v"), SCHEDULE, grid, x)
+      errors.append(float(jnp.sqrt(jnp.mean((sol.x - exact) ** 2))))
+    assert abs(_slope(errors, steps) - order) < 0.2, (combine, errors)
+
+
 def test_bad_options_raise():
   for option, value in (("method", "pndm"), ("midpoint", "half"), ("combine", "x0")):
     with pytest.raises(ValueError, match=f"{option}='{value}' is unknown; valid: "):
