@@ -29,12 +29,15 @@ def _eps_of_lambda(a, b):
   return predictions.Denoiser(apply_fn=apply_fn, params=(jnp.asarray(a), jnp.asarray(b)), prediction="eps")
 
 
-def _phi(x, eps, t_from, t_to):
+def _transfer(x, eps, ab, ab_next):
   """The paper's transfer (PNDM Eq. 9) written with alpha-bar as there: x' = sqrt(ab'/ab) x - (ab' - ab) eps /
   (ab sqrt(1 - ab') + sqrt(ab (1 - ab) ab'))."""
-  ab, ab_next = SCHEDULE.alpha(t_from) ** 2, SCHEDULE.alpha(t_to) ** 2
   denominator = ab * jnp.sqrt(1 - ab_next) + jnp.sqrt(ab * (1 - ab) * ab_next)
   return jnp.sqrt(ab_next / ab) * x - (ab_next - ab) * eps / denominator
+
+
+def _phi(x, eps, t_from, t_to):
+  return _transfer(x, eps, SCHEDULE.alpha(t_from) ** 2, SCHEDULE.alpha(t_to) ** 2)
 
 
 def _eps(x, t):
@@ -89,6 +92,49 @@ def test_first_steps_are_the_papers_improved_euler_and_pseudo_rk4():
     np.testing.assert_allclose(sol.x, expected, rtol=1e-10, atol=1e-12, err_msg=method)
   sol = loop.sample(PNDM(method="s_pndm"), GMM.denoiser(SCHEDULE), SCHEDULE, grids.from_times(SCHEDULE, t), x)
   np.testing.assert_allclose(sol.x, ab2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ("s_pndm", "f_pndm"))
+def test_official_alpha_bar_shift_is_a_time_label(method):
+  """The official sampler (runner/method.py; spec P8) calls the model at label t but transfers with
+  alphas_cump[t + 1], ending at t = -1. Written out here from the paper's formulas, it equals our solver on the
+  grid t + 1 (ending at 0) with the time label t - 1 (the midpoints are integers: T // N even)."""
+  schedule = schedules.DiscreteVP.named("linear", 1000, 1e-4, 0.02)
+  ac = np.asarray(schedule.alphas_cumprod)
+  labels = list(range(0, 1000, 100))[::-1]  # the official seq = range(0, T, T // N), run in reverse
+  x = x_start = GMM.sample(jax.random.key(1), 4, np.sqrt(ac[1000 - 1]), np.sqrt(1 - ac[1000 - 1]))
+
+  def model(x, label):
+    return GMM.eps(x, np.sqrt(ac[int(label)]), np.sqrt(1 - ac[int(label)]))
+
+  def transfer(x, eps, t, t_next):
+    return _transfer(x, eps, ac[int(t) + 1], ac[int(t_next) + 1])
+
+  kept = []
+  for t, t_next in zip(labels, labels[1:] + [-1]):
+    warm_up = len(kept) < (3 if method == "f_pndm" else 1)
+    e1 = model(x, t)
+    kept.append(e1)
+    if warm_up and method == "s_pndm":
+      eps = (e1 + model(transfer(x, e1, t, t_next), t_next)) / 2
+    elif warm_up:
+      mid = (t + t_next) // 2
+      e2 = model(transfer(x, e1, t, mid), mid)
+      e3 = model(transfer(x, e2, t, mid), mid)
+      eps = (e1 + 2 * e2 + 2 * e3 + model(transfer(x, e3, t, t_next), t_next)) / 6
+    elif method == "s_pndm":
+      eps = (3 * kept[-1] - kept[-2]) / 2
+    else:
+      eps = (55 * kept[-1] - 59 * kept[-2] + 37 * kept[-3] - 9 * kept[-4]) / 24
+    x = transfer(x, eps, t, t_next)
+  grid = grids.from_times(schedule, np.array(labels + [-1]) + 1)
+  denoiser = GMM.denoiser(schedule).replace(time_label=_official_label)
+  ours = loop.sample(PNDM(method=method), denoiser, schedule, grid, x_start).x
+  np.testing.assert_allclose(ours, x, rtol=1e-10, atol=1e-12)
+
+
+def _official_label(schedule, t):
+  return t - 1
 
 
 def test_warm_up_step_into_sigma_zero_is_ddim():
