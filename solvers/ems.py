@@ -74,7 +74,7 @@ class EMS:
   def _locate(self, lam):
     """Cell index, clipped lambda and offset into the cell, for lambdas of any shape (flattened)."""
     clipped = jnp.clip(lam, self.lam[0], self.lam[-1])
-    index = jnp.clip(jnp.searchsorted(self.lam, clipped, side="right") - 1, 0, self.lam.shape[0] - 2)
+    index = jnp.clip(jnp.searchsorted(self.lam, clipped, side="right", method="compare_all") - 1, 0, self.lam.shape[0] - 2)
     return index, clipped, clipped - self.lam[index]
 
   def value(self, field, lam):
@@ -112,7 +112,7 @@ class EMS:
                               jnp.clip(self.lam, lo, hi)])
     points = points[jnp.argsort(forward * points)]
     start, width = points[:-1], points[1:] - points[:-1]  # pieces, each inside one step
-    step = jnp.clip(jnp.searchsorted(forward * lam_from, forward * (start + 0.5 * width), side="right") - 1, 0, n - 1)
+    step = jnp.clip(jnp.searchsorted(forward * lam_from, forward * (start + 0.5 * width), side="right", method="compare_all") - 1, 0, n - 1)
     lam_q = start[:, None] + width[:, None] * _NODES                       # (P, Q)
     flat = lam_q.ravel()
     shape = lam_q.shape + self.l.shape[1:]
@@ -127,7 +127,7 @@ class EMS:
     moment_list = [per_step(jnp.sum(weight * growth * tau**k, 1)) / math.factorial(k) for k in range(moments)]
     beta_piece = jnp.sum(weight * source, 1)
     before = jnp.cumsum(beta_piece, 0) - beta_piece                        # pieces before this one, all steps
-    first = jnp.searchsorted(step, step, side="left")
+    first = jnp.searchsorted(step, step, side="left", method="compare_all")
     inner = (before - before[first])[:, None] + jnp.einsum("qr,pr...->pq...", _PARTIAL, source) * _lift(width, ndim + 1)
     return {"decay_l": jnp.exp(l_from - l_to), "decay_s": jnp.exp(s_from - s_to), "moments": moment_list,
             "beta": per_step(beta_piece), "q": per_step(jnp.sum(weight * growth * inner, 1))}
