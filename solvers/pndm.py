@@ -156,22 +156,12 @@ class PNDM(base.Solver):
 
     t_start, t_end = grid.t[steps], grid.t[steps + 1]
     mid_first, mid_second = self._midpoints(t_start, t_end)
-
-    def at(code):
-      """(alpha, sigma, lambda) at the node or midpoint named by ``code`` (per row)."""
-      values = []
-      for node_value, fn in ((grid.alpha, schedule.log_alpha), (grid.sigma, schedule.log_sigma),
-                             (grid.lam, None)):
-        first, second = ((schedule.lam(mid_first), schedule.lam(mid_second)) if fn is None
-                         else (jnp.exp(fn(mid_first)), jnp.exp(fn(mid_second))))
-        values.append(jnp.where(code == _START, node_value[steps],
-                                jnp.where(code == _END, node_value[steps + 1],
-                                          jnp.where(code == _MID_FIRST, first, second))))
-      return values
-
-    a_s, s_s, lam_s = at(jnp.full(steps.shape, _START))
-    a_t, s_t, lam_t = at(target)
-    anchor, weight, _ = exponential.first_order_weights(a_s, s_s, a_t, s_t, lam_t - lam_s, data=False)
+    mids = [(schedule.alpha(t), schedule.sigma(t), schedule.lam(t)) for t in (mid_first, mid_second)]
+    # The transfer's target (alpha, sigma, lambda): the step's end node or one of its midpoints.
+    a_t, s_t, lam_t = (jnp.where(target == _END, node[steps + 1], jnp.where(target == _MID_FIRST, first, second))
+                       for node, first, second in zip((grid.alpha, grid.sigma, grid.lam), *mids))
+    a_s, s_s = grid.alpha[steps], grid.sigma[steps]
+    anchor, weight, _ = exponential.first_order_weights(a_s, s_s, a_t, s_t, lam_t - grid.lam[steps], data=False)
     if self.combine == "v":  # eps = alpha_s v + sigma_s x_s at the step's start
       anchor, weight = anchor + weight * s_s, weight * a_s
     eval_t = jnp.where(table["eval_at"] == _START, t_start,
