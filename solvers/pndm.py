@@ -34,12 +34,13 @@ on the grid t_k + 1 (ending at 0) of ``DiscreteVP.from_alphas_cumprod(alphas_cum
 
 Order. The exact solution is x_t = (alpha_t / alpha_s) x_s - sigma_t int_0^h e^{h - tau} eps(lambda_s + tau) dtau
 (Lu et al. 2022, Eq. 3.4), so phi needs the e^{h - tau}-weighted mean of eps over the step, while the
-classical formulas return (to their order) the uniform mean. For eps = a + b lambda both AB-k (k >= 2) and the
-midpoint rules give e = eps(lambda_s + h / 2), and the step misses the exact one by
+classical formulas return (to their order) the uniform mean. For eps = a + b lambda, improved Euler and AB-k
+(k >= 2, uniform lambda steps) give e = eps(lambda_s + h / 2), and the step misses the exact one by
   sigma_t b ((e^h - 1) h / 2 - (e^h - 1 - h)) = sigma_t b (h^3 / 12 + h^4 / 24 + ...),
 a local error O(h^3) whatever the formula's classical order: every method here converges with global order 2
-(``declared_order``). The nominal orders (``order``: 2, 4, 4) are the classical formulas' ones; measured in
-tests/test_pndm.py (the local error formula exactly, and slopes ~2 on the Gaussian and the mixture).
+(``declared_order``). The nominal orders (``order``: 2, 4, 4) are the classical formulas' ones. Checked in
+tests/test_pndm.py: that local error to 1e-9, slopes ~2 on the Gaussian and on eps = a + b lambda; on a Gaussian
+mixture F-PNDM / PLMS look faster before the h^2 term dominates (slope 2.7 at 80 -> 160 steps, 1.96 at 640 -> 1280).
 """
 import dataclasses
 from typing import Any, NamedTuple
