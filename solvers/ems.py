@@ -224,6 +224,12 @@ def compute(denoiser, schedule, x_T, *, num_nodes=120, t_start=None, t_end=None,
   probes = None
   if hutchinson_probes is not None:
     probes = jax.random.rademacher(jax.random.key(0) if key is None else key, (int(hutchinson_probes),) + x_T.shape, x_T.dtype)
+  return _statistics(denoiser, schedule, lam, xs, probes)
+
+
+@jax.jit
+def _statistics(denoiser, schedule, lam, xs, probes):
+  """The EMS at the nodes lam from the trajectories' points xs (K + 1, samples, *event_shape)."""
   l = jax.vmap(lambda lam_, x_: _node_statistics(denoiser, schedule, lam_, x_, None, None, probes))(lam, xs)
   l_slope = jnp.gradient(l, lam, axis=0)
   f, df = jax.vmap(lambda *a: _node_statistics(denoiser, schedule, *a, probes))(lam, xs, l, l_slope)

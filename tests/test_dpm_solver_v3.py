@@ -50,12 +50,13 @@ def test_step_integrals_match_brute_force():
   values = lambda: jnp.asarray(rng.uniform(-0.5, 0.5, (9, 2)))
   ems = ems_lib.EMS(lam=jnp.linspace(-4.0, 4.0, 9), l=1.0 + values(), s=values(), b=2 * values())
   lam_from, lam_to = jnp.array([-5.0, -1.3, 2.2]), jnp.array([-1.3, 2.2, 5.0])  # beyond the nodes at both ends
-  out = ems.step_integrals(lam_from, lam_to, 3)
+  out = jax.jit(lambda e: e.step_integrals(lam_from, lam_to, 3))(ems)
+  fields = jax.jit(lambda e, lam: (e.integral("l", lam), e.integral("s", lam), e.value("b", lam)))
   for i in range(3):
     lam = np.linspace(float(lam_from[i]), float(lam_to[i]), 40001)
-    big_l, big_s = (np.asarray(ems.integral(f, jnp.asarray(lam))) for f in ("l", "s"))
+    big_l, big_s, b = map(np.asarray, fields(ems, jnp.asarray(lam)))
     growth = np.exp(big_l + big_s - big_l[0] - big_s[0])
-    source = np.exp(big_s[0] - big_s) * np.asarray(ems.value("b", jnp.asarray(lam)))
+    source = np.exp(big_s[0] - big_s) * b
     steps = np.diff(lam)[:, None]
     inner = np.concatenate([np.zeros((1, 2)), np.cumsum(0.5 * steps * (source[1:] + source[:-1]), 0)])
     trapezoid = lambda v: np.sum(0.5 * steps * (v[1:] + v[:-1]), 0)
@@ -107,11 +108,10 @@ def test_order_with_exact_ems_on_the_mixture(gmm_ems):
   steps = (40, 80, 160)
   ref = reference.solve(oracle.denoiser(SCHEDULE), SCHEDULE, x, 1.0, SCHEDULE.t_min, rtol=1e-12, atol=1e-12)
   slope = lambda e: -np.polyfit(np.log(steps), np.log(e), 1)[0]
-  for options, order in ((dict(use_corrector=False), 3), (dict(), 2)):
-    solver = v3.DPMSolverV3(ems=ems, **options).for_order_measurement()
-    assert solver.declared_order == order
-    errors = [_rmse(_run(solver, oracle, order_test_grid(n), x), ref) for n in steps]
-    assert abs(slope(errors) - order) <= 0.3, (options, errors)
+  solver = v3.DPMSolverV3(ems=ems, use_corrector=False).for_order_measurement()
+  assert solver.declared_order == 3
+  errors = [_rmse(_run(solver, oracle, order_test_grid(n), x), ref) for n in steps]
+  assert abs(slope(errors) - 3) <= 0.3, errors
 
 
 def test_taylor_corrector_is_third_order_once_asymptotic():
@@ -133,6 +133,7 @@ def test_taylor_corrector_is_third_order_once_asymptotic():
 
 
 def test_new_ems_never_recompile_and_get_gradients(gmm_ems):
+  """(vmap is the battery's, on the registered solver: the EMS are the same leaves for every sample.)"""
   oracle, ems = gmm_ems
   x, grid = _x_T(oracle, n=4), grids.uniform_logsnr(SCHEDULE, 6, final="zero")
   run = lambda e: _run(v3.DPMSolverV3(ems=e), oracle, grid, x)
@@ -140,8 +141,6 @@ def test_new_ems_never_recompile_and_get_gradients(gmm_ems):
   traces = loop.trace_count()
   moved = run(ems.replace(b=ems.b * 1.1))
   assert loop.trace_count() == traces and not np.allclose(moved, base_x)
-  np.testing.assert_allclose(jax.vmap(lambda x1: _run(v3.DPMSolverV3(ems=ems), oracle, grid, x1[None])[0])(x), base_x,
-                             rtol=1e-12, atol=1e-12)
   loss = lambda scale: jnp.sum(run(ems.replace(b=ems.b * scale)) ** 2)
   eps = 1e-5
   fd = (loss(1.0 + eps) - loss(1.0 - eps)) / (2 * eps)
@@ -149,9 +148,9 @@ def test_new_ems_never_recompile_and_get_gradients(gmm_ems):
 
 
 def test_half_corrects_only_the_noisier_half():
-  grid = grids.uniform_t(SCHEDULE, 10)
-  full = v3.DPMSolverV3().coefficients(grid, SCHEDULE)["corr_x"]
-  half = v3.DPMSolverV3(half=True).coefficients(grid, SCHEDULE)["corr_x"]
+  grid = grids.uniform_t(SCHEDULE, 10, capacity=11)
+  corr_x = jax.jit(lambda solver: solver.coefficients(grid, SCHEDULE)["corr_x"])
+  full, half = corr_x(v3.DPMSolverV3()), corr_x(v3.DPMSolverV3(half=True))
   corrected_node = np.asarray(grid.t[:-1])  # row i corrects node i
   noisy = corrected_node > 0.5 * (SCHEDULE.t_min + SCHEDULE.t_max)
   assert np.all(np.asarray(full)[1:10] == 0)  # every node 1..9 corrected without `half`
