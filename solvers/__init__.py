@@ -3,6 +3,7 @@ from solvers import base, grids, predictions, schedules
 from solvers import ddim, dpm_solver_multistep, unipc  # noqa: F401  (register their solvers)
 from solvers import dpm_solver_adaptive, dpm_solver_singlestep  # noqa: F401  (register the singlestep and adaptive DPM-Solvers)
 from solvers import deis  # noqa: F401  (registers the DEIS solvers)
+from solvers import pndm  # noqa: F401  (registers pndm_s, pndm_f, plms)
 from solvers.base import available, get, register
 from solvers.grids import Grid
 from solvers.predictions import Denoiser, Guided, Thresholded
