@@ -74,7 +74,8 @@ class EMS:
   def _locate(self, lam):
     """Cell index, clipped lambda and offset into the cell, for lambdas of any shape (flattened)."""
     clipped = jnp.clip(lam, self.lam[0], self.lam[-1])
-    index = jnp.clip(jnp.searchsorted(self.lam, clipped, side="right", method="compare_all") - 1, 0, self.lam.shape[0] - 2)
+    index = jnp.searchsorted(self.lam, clipped, side="right", method="compare_all") - 1
+    index = jnp.clip(index, 0, self.lam.shape[0] - 2)
     return index, clipped, clipped - self.lam[index]
 
   def value(self, field, lam):
@@ -112,7 +113,8 @@ class EMS:
                               jnp.clip(self.lam, lo, hi)])
     points = points[jnp.argsort(forward * points)]
     start, width = points[:-1], points[1:] - points[:-1]  # pieces, each inside one step
-    step = jnp.clip(jnp.searchsorted(forward * lam_from, forward * (start + 0.5 * width), side="right", method="compare_all") - 1, 0, n - 1)
+    step = jnp.searchsorted(forward * lam_from, forward * (start + 0.5 * width), side="right", method="compare_all")
+    step = jnp.clip(step - 1, 0, n - 1)
     lam_q = start[:, None] + width[:, None] * _NODES                       # (P, Q)
     flat = lam_q.ravel()
     shape = lam_q.shape + self.l.shape[1:]
@@ -223,7 +225,8 @@ def compute(denoiser, schedule, x_T, *, num_nodes=120, t_start=None, t_end=None,
   lam = grid.lam[: num_nodes * substeps + 1: substeps]
   probes = None
   if hutchinson_probes is not None:
-    probes = jax.random.rademacher(jax.random.key(0) if key is None else key, (int(hutchinson_probes),) + x_T.shape, x_T.dtype)
+    probe_key = jax.random.key(0) if key is None else key
+    probes = jax.random.rademacher(probe_key, (int(hutchinson_probes),) + x_T.shape, x_T.dtype)
   return _statistics(denoiser, schedule, lam, xs, probes)
 
 
