@@ -165,7 +165,8 @@ def reference_trajectory(denoiser, schedule, grid, x_T, *, substeps=40, solver=N
     times = np.array(schedule.t_of_lambda(jnp.asarray(fine_lam)), np.float64)
     times[::substeps] = t[: finite + 1]  # the coarse nodes exactly
     fine = grids_lib.from_times(schedule, times)
-    run = loop.sample(solver or UniPC(order=3, lower_order_final=False), denoiser, schedule, fine, x_T, return_trajectory=True)
+    solver = solver or UniPC(order=3, lower_order_final=False)
+    run = loop.sample(solver, denoiser, schedule, fine, x_T, return_trajectory=True)
     points = list(run.trajectory[: finite * substeps + 1: substeps])
   if zero:
     points.append(reference.solve(denoiser, schedule, points[-1], grid.t[finite], "zero"))
@@ -196,6 +197,8 @@ def _adamw_update(params, opt_state, solver, denoiser, schedule, grid, x_T, targ
 def fit_ratios(solver, denoiser, schedule, grid, x_T, target, *, learning_rate=0.1, iterations=40, bound="tanh"):
   """Ratios minimising sum_n mean |x_n - target_n|^2 over the real nodes n = 1..num_steps (Eq. 11), by AdamW.
 
+  x_n is the loop's trajectory: for UniPC the predicted point, before UniC corrects it at the next model call (the
+  paper's loss uses the corrected point; the final sample, never corrected, is the same either way).
   ``target``: (num_steps + 1, *x_T.shape), e.g. ``reference_trajectory``. Starts from rho = 1 (theta = 0 with the
   tanh bound, as the official code). One compilation serves every grid of a capacity. Returns (ratios, info) with
   the loss before and after and the seconds taken."""

@@ -75,7 +75,8 @@ def gmm_fits():
   1, 2, 4; and 32 held-out samples."""
   oracle = analytic.gmm(dim=8)
   x_train, held_out = _x_T(oracle, 10, 1), _x_T(oracle, 32, 0)
-  fits = {(steps, scale): _searched(_guided(oracle, scale), steps, x_train) for steps in (5, 6, 8) for scale in GUIDANCE}
+  settings = [(steps, scale) for steps in (5, 6, 8) for scale in GUIDANCE]
+  fits = {(steps, scale): _searched(_guided(oracle, scale), steps, x_train) for steps, scale in settings}
   return oracle, held_out, fits
 
 
