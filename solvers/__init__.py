@@ -4,6 +4,8 @@ from solvers import ddim, dpm_solver_multistep, unipc  # noqa: F401  (register t
 from solvers import dpm_solver_adaptive, dpm_solver_singlestep  # noqa: F401  (register the singlestep and adaptive DPM-Solvers)
 from solvers import deis  # noqa: F401  (registers the DEIS solvers)
 from solvers import pndm  # noqa: F401  (registers pndm_s, pndm_f, plms)
+from solvers import dpm_solver_v3  # noqa: F401  (registers DPM-Solver-v3)
+from solvers import dc_solver  # noqa: F401  (registers dc_solver)
 from solvers.base import available, get, register
 from solvers.grids import Grid
 from solvers.predictions import Denoiser, Guided, Thresholded
