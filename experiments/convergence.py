@@ -21,6 +21,9 @@ _FINAL = flags.DEFINE_enum("final", _D.final, list(grids.FINAL_POLICIES),
                            "Final-step policy: stop at t_end, or end with a jump to sigma = 0 ('zero').")
 _BATCH = flags.DEFINE_integer("batch", _D.batch, "Number of starting points x_T.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", _D.seed, "PRNG seed of the x_T batch.", lower_bound=0)
+_PREPARE_SEED = flags.DEFINE_integer("prepare_seed", _D.prepare_seed, "PRNG seed of the training points of solvers "
+                                     "that learn from the model (DPM-Solver-v3 statistics, DC-Solver ratios).",
+                                     lower_bound=0)
 
 
 def _ints(values):
@@ -59,7 +62,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = lib.Config(problems=_PROBLEMS.value, solvers=_SOLVERS.value, nfe_steps=_ints(_NFE.value),
-                      grid=_GRID.value, final=_FINAL.value, batch=_BATCH.value, seed=_SEED.value)
+                      grid=_GRID.value, final=_FINAL.value, batch=_BATCH.value, seed=_SEED.value,
+                      prepare_seed=_PREPARE_SEED.value)
   lib.run(config, _WORKDIR.value)
 
 

@@ -3,7 +3,9 @@
 For each problem (the analytic Gaussian, whose PF-ODE is solved exactly by ``Gaussian.pf_ode_solution``,
 and the GMM, whose answer comes from ``solvers.reference.solve``), each deterministic registered solver
 and each step count, a fixed-seed batch x_T drawn from the exact marginal at the grid's first node is
-integrated with ``solvers.sample`` in float64. The RMSE against the exact / reference answer, the NFE the
+integrated with ``solvers.sample`` in float64. Solvers that learn from the model first (``Solver.prepare``:
+DPM-Solver-v3 computes its statistics, DC-Solver searches its ratios for each grid) do so on their own
+training points (``prepare_seed``), and the time it takes is recorded as ``prepare_seconds``. The RMSE against the exact / reference answer, the NFE the
 solver actually used (``Solution.nfe``) and the wall time are recorded, and the empirical order is fitted
 as minus the least-squares slope of log(RMSE) against log(NFE).
 
@@ -47,6 +49,9 @@ class Config:
   t_end: Optional[float] = 1e-3        # None: the schedule's t_min
   batch: int = 32
   seed: int = 0                        # seed of the x_T batch
+  # Seed of the training points of solvers that learn from the model before sampling (Solver.prepare:
+  # DPM-Solver-v3's statistics, DC-Solver's ratios, searched per grid); never the x_T batch itself.
+  prepare_seed: int = 1
   reference_rtol: float = 1e-10        # tolerances of the diffrax reference (GMM)
   reference_atol: float = 1e-10
   # Points whose RMSE is below max(this, 100 * reference tolerance) (round-off / reference floor) are
@@ -132,7 +137,7 @@ def resolve_config(config=None):
   return dataclasses.replace(
       config, problems=problems, solvers=names, nfe_steps=steps,
       dim=_check_int(config.dim, "dim", 1), batch=_check_int(config.batch, "batch", 1),
-      seed=_check_int(config.seed, "seed", 0),
+      seed=_check_int(config.seed, "seed", 0), prepare_seed=_check_int(config.prepare_seed, "prepare_seed", 0),
       asymptotic_points=_check_int(config.asymptotic_points, "asymptotic_points", 2))
 
 
@@ -292,15 +297,21 @@ def run(config=None, workdir="workdir/convergence"):
       solver = solvers.get(name)
       traces = loop.trace_count()
       record = {"declared_order": solver.declared_order, "runs": []}
+      prepare_key = jax.random.key(config.prepare_seed)
       # Warm-up at the largest grid: compiles the loop once for this (problem, solver) pair.
       try:
-        record["compile_seconds"] = _sample_timed(solvers.sample, solver, denoiser, schedule, grid_list[-1], x_T)[2]
+        warm = solver.prepare(denoiser, schedule, grid_list[-1], x_T, prepare_key)
+        record["compile_seconds"] = _sample_timed(solvers.sample, warm, denoiser, schedule, grid_list[-1], x_T)[2]
       except ValueError as e:
         record["compile_error"] = str(e)
       for steps, grid in zip(config.nfe_steps, grid_list):
         row = {"problem": problem, "solver": name, "steps": steps}
         try:
-          x, nfe, seconds = _sample_timed(solvers.sample, solver, denoiser, schedule, grid, x_T)
+          started = time.perf_counter()
+          prepared = solver.prepare(denoiser, schedule, grid, x_T, prepare_key)
+          if prepared is not solver:
+            row["prepare_seconds"] = time.perf_counter() - started
+          x, nfe, seconds = _sample_timed(solvers.sample, prepared, denoiser, schedule, grid, x_T)
           rmse = float(jnp.sqrt(jnp.mean((x - answer) ** 2)))
           row.update(nfe=nfe, rmse=_finite_or_none(rmse), seconds=seconds)
           if row["rmse"] is None:
@@ -369,6 +380,10 @@ def solver_family(name):
     return "UniPC / UniC"
   if tokens[0] == "deis":
     return "DEIS"
+  if tokens[0] in ("pndm", "plms"):
+    return "PNDM / PLMS"
+  if name in ("dpm_solver_v3", "dc_solver"):
+    return "learned from the model (v3 EMS, DC ratios)"
   if tokens[0] == "dpm":
     if tokens[-1] in ("12", "23"):
       return "DPM-Solver adaptive"

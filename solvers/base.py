@@ -11,7 +11,9 @@ A solver is a frozen (hashable) dataclass with
 - ``init(denoiser, schedule, grid, x, key)``: the initial state, a NamedTuple with at least ``x``
   and ``nfe`` (model evaluations so far);
 - ``step(denoiser, schedule, grid, coeffs, i, state)``: one pure step from node i to node i + 1, where
-  ``coeffs`` is row i of the table. It must keep the state's shapes and dtypes.
+  ``coeffs`` is row i of the table. It must keep the state's shapes and dtypes;
+- ``prepare(denoiser, schedule, grid, x_T, key)``: the solver fitted to a model (model statistics, learned
+  parameters) before sampling; itself for the solvers that need nothing.
 """
 import dataclasses
 from typing import Any, NamedTuple
@@ -75,6 +77,13 @@ class Solver:
   def active(self, grid, i, state):
     """Whether iteration i is taken (traced); the loop skips the others without calling the model."""
     return i < grid.num_steps
+
+  def prepare(self, denoiser, schedule, grid, x_T, key):
+    """This solver fitted to ``denoiser`` before it samples ``grid`` from points shaped like ``x_T``.
+
+    Solvers that learn from the model (DPM-Solver-v3's statistics, DC-Solver's ratios) draw their own
+    training points with ``key``, never x_T itself; the others return themselves."""
+    return self
 
   def for_order_measurement(self):
     """This solver with every rule that caps its order on purpose (lower-order final steps) switched off.

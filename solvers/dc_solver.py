@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from solvers import base, loop, reference
+from solvers import base, ems, loop, reference
 from solvers import grids as grids_lib
 from solvers.dpm_solver_multistep import DPMSolverMultistep
 from solvers.pytree import pytree_dataclass, static_field
@@ -140,6 +140,18 @@ class DCSolver(base.Solver):
       return new._replace(x=x, hist=hist)
     x = (new.x + inner["hist"][0] * change).astype(state.x.dtype)
     return new._replace(x=x, anchor=jnp.where(inner["end"] > 0, x, new.anchor), hist=hist)
+
+
+  def prepare(self, denoiser, schedule, grid, x_T, key, *, num_samples=10, **fit_options):
+    """This solver with ratios searched for ``grid`` (``fit_ratios`` against ``reference_trajectory``) on
+    ``num_samples`` prior samples x_T ~ N(0, sigma_T^2 I) drawn with ``key`` (the paper uses ~10 datapoints).
+
+    Where the search does not lower the training loss below that of rho = 1 (at high NFE, where Adam's steps
+    are coarser than the optimum's distance from 1), the ratios stay 1."""
+    samples = ems.prior_samples(schedule, key, num_samples, x_T.shape[1:], t_start=float(grid.t[0])).astype(x_T.dtype)
+    target = reference_trajectory(denoiser, schedule, grid, samples)
+    ratios, info = fit_ratios(self, denoiser, schedule, grid, samples, target, **fit_options)
+    return with_ratios(self, ratios if info["final_loss"] < info["initial_loss"] else jnp.ones_like(ratios))
 
 
 def with_ratios(solver, ratios):

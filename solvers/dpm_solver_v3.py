@@ -36,6 +36,7 @@ import math
 import jax.numpy as jnp
 
 from solvers import base, exponential
+from solvers import ems as ems_lib
 from solvers.dpm_solver_multistep import multistep_orders
 from solvers.ems import EMS
 from solvers.pytree import pytree_dataclass, static_field
@@ -88,6 +89,16 @@ class DPMSolverV3(base.Solver):
 
   def for_order_measurement(self):
     return self.replace(lower_order_final=False)
+
+  def prepare(self, denoiser, schedule, grid, x_T, key, *, num_nodes=120, num_samples=256):
+    """This solver with the EMS of ``denoiser`` (``ems.compute``: ``num_samples`` prior samples x_T ~ N(0, sigma_T^2 I)
+    drawn with ``key``, ``num_nodes`` lambda intervals over the grid's range up to its last node with sigma > 0)."""
+    steps = int(grid.num_steps)
+    last = steps - 1 if float(grid.sigma[steps]) == 0.0 else steps
+    t_start, t_end = float(grid.t[0]), float(grid.t[last])
+    samples = ems_lib.prior_samples(schedule, key, num_samples, x_T.shape[1:], t_start=t_start)
+    return self.replace(ems=ems_lib.compute(denoiser, schedule, samples, num_nodes=num_nodes, t_start=t_start,
+                                            t_end=t_end))
 
   def init(self, denoiser, schedule, grid, x, key):
     return exponential.init_state(x, self.order + 1, key)

@@ -174,3 +174,20 @@ def test_class_conditional_gmm_and_guidance():
   np.testing.assert_allclose(guided(1.0), conditional, rtol=1e-12)
   unconditional = oracle.denoiser(SCHEDULE).predict("x0", x, t, SCHEDULE)
   np.testing.assert_allclose(guided(3.0), unconditional + 3.0 * (conditional - unconditional), rtol=1e-12)
+
+
+def test_prepare_searches_ratios_for_the_grid_and_falls_back_to_one():
+  """Solver.prepare (what the convergence study calls): ratios searched on prior samples of its own key beat
+  rho = 1 on held-out x_T; a search that raises the training loss (a huge step size) leaves rho = 1."""
+  oracle = analytic.gmm(dim=3)
+  denoiser, grid = oracle.denoiser(SCHEDULE), _grid(6)
+  held_out = _x_T(oracle, 32, 0)
+  answer = reference.solve(denoiser, SCHEDULE, held_out, 1.0, 1e-3)
+  base_solver = solvers.get("dc_solver")
+  prepared = base_solver.prepare(denoiser, SCHEDULE, grid, held_out, jax.random.key(3))
+  assert not np.allclose(prepared.ratios[:6], 1.0)
+  assert _rmse(prepared, denoiser, grid, held_out, answer) < 0.8 * _rmse(
+      base_solver, denoiser, grid, held_out, answer)
+  wild = base_solver.prepare(denoiser, SCHEDULE, grid, held_out, jax.random.key(3), bound="none", learning_rate=50.0,
+                             iterations=2)
+  np.testing.assert_array_equal(wild.ratios, 1.0)

@@ -202,7 +202,7 @@ def _official_sampler(oracle, x, nfe, order, prediction, solver_type):
   for g, k in enumerate(groups):
     ls, lt = outer[g], outer[g + 1]
     h = lt - ls
-    (a_s, s_s), (a_t, s_t) = coef(ls), coef(lt)
+    a_s, s_s = coef(ls)
     if data:
       p1 = lambda hh: -np.expm1(-hh)
       p2 = lambda hh: np.expm1(-hh) / hh + 1.0

@@ -184,3 +184,18 @@ def test_bad_ems_options_raise():
   oracle = analytic.gaussian(dim=2)
   with pytest.raises(ValueError, match="num_nodes"):
     ems_lib.compute(oracle.denoiser(SCHEDULE), SCHEDULE, jnp.zeros((2, 2)), num_nodes=0)
+
+
+def test_prepare_computes_the_models_ems_over_the_grids_range():
+  """Solver.prepare (what the convergence study calls): the EMS of the model from prior samples drawn with its
+  key, over the grid's range up to its last node with sigma > 0 (the jump to sigma = 0 needs none)."""
+  oracle = analytic.gmm(dim=3)
+  denoiser = oracle.denoiser(SCHEDULE)
+  grid = grids.uniform_logsnr(SCHEDULE, 6, t_start=0.9, t_end=1e-2, final="zero")
+  prepared = v3.DPMSolverV3().prepare(denoiser, SCHEDULE, grid, jnp.zeros((5, 3)), jax.random.key(4), num_nodes=8,
+                                      num_samples=16)
+  samples = ems_lib.prior_samples(SCHEDULE, jax.random.key(4), 16, (3,), t_start=0.9)
+  expected = ems_lib.compute(denoiser, SCHEDULE, samples, num_nodes=8, t_start=0.9, t_end=float(grid.t[5]))
+  for field in ("lam", "l", "s", "b"):
+    np.testing.assert_allclose(getattr(prepared.ems, field), getattr(expected, field), rtol=1e-12, atol=1e-14)
+  assert not np.allclose(prepared.ems.l, 1.0)  # not the degenerated statistics
