@@ -300,7 +300,10 @@ def run(config=None, workdir="workdir/convergence"):
       prepare_key = jax.random.key(config.prepare_seed)
       # Warm-up at the largest grid: compiles the loop once for this (problem, solver) pair.
       try:
+        started = time.perf_counter()
         warm = solver.prepare(denoiser, schedule, grid_list[-1], x_T, prepare_key)
+        if warm is not solver:  # the first preparation includes its compilation
+          record["first_prepare_seconds"] = time.perf_counter() - started
         record["compile_seconds"] = _sample_timed(solvers.sample, warm, denoiser, schedule, grid_list[-1], x_T)[2]
       except ValueError as e:
         record["compile_error"] = str(e)

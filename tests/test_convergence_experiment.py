@@ -97,6 +97,7 @@ def test_solvers_that_learn_from_the_model_are_prepared_per_grid(tmp_path):
   runs = {name: record["runs"][0] for name, record in results["problems"]["gmm"]["solvers"].items()}
   assert runs["dpm_solver_v3"]["prepare_seconds"] > 0 and runs["dc_solver"]["prepare_seconds"] > 0
   assert "prepare_seconds" not in runs["dpm_solver_pp_2m"]
+  assert results["problems"]["gmm"]["solvers"]["dc_solver"]["first_prepare_seconds"] > 0
   schedule = schedules.VPLinear()
   grid = grids.uniform_logsnr(schedule, 6, t_start=1.0, t_end=1e-3, capacity=7)
   oracle = analytic.gmm(dim=2)
