@@ -51,6 +51,26 @@ def step_key(key, i):
   return jax.random.fold_in(key, i)
 
 
+def noise(key, x, *indices):
+  """Standard normal noise shaped like x, drawn from ``key`` folded with each of ``indices`` (``step_key``).
+
+  One key draws the whole array; a key per sample (``key.shape == x.shape[:1]``) draws each sample's
+  noise from its own key, so a sample does not depend on the batch it is drawn in."""
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+
+  def draw(k, shape):
+    for index in indices:
+      k = step_key(k, index)
+    return jax.random.normal(k, shape, x.dtype)
+
+  if key.ndim == 0:
+    return draw(key, x.shape)
+  if key.shape != x.shape[:1]:
+    raise ValueError(f"key has shape {key.shape}: pass one key, or one per sample (shape {x.shape[:1]})")
+  return jax.vmap(lambda k: draw(k, x.shape[1:]))(key)
+
+
 class Solver:
   """Base class: subclasses are frozen dataclasses registered by name."""
   order: int = 1

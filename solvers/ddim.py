@@ -13,7 +13,6 @@ start of a flow model, sigma_t = 0 at a final denoising step); the eps form need
 """
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from solvers import base
@@ -57,7 +56,7 @@ class DDIM(base.Solver):
     m = denoiser.predict(self.form, state.x, grid.t[i], schedule)
     x = c["x"] * state.x + c["m"] * m
     if self.stochastic:
-      x = x + c["z"] * jax.random.normal(base.step_key(state.key, i), state.x.shape, x.dtype)
+      x = x + c["z"] * base.noise(state.key, x, i)
     return state._replace(x=x.astype(state.x.dtype), nfe=state.nfe + 1)
 
 
