@@ -21,8 +21,10 @@ contributes O(h^2)), and the fixed weights on a non-uniform grid leave a local O
 solvers/pndm.py). The global order is min(k, 2) (``declared_order``, measured on the Gaussian).
 
 Stability (the paper's motivation): on d x_bar / d sigma_bar = mu x_bar with z = mu delta, the real stability
-interval grows as beta falls (AB4: z > -0.3; GHVB 3.8: z > -0.36), less than heavy ball's factor (2 - beta) / beta
-(solvers/heavy_ball.py), keeping the order; measured in tests/test_momentum.py.
+interval ends where a root crosses xi = -1 in (xi - 1)(xi - 1 + beta) = beta z xi C_k^beta(xi^0, xi^-1, ...), at
+z = -2 (2 - beta) denominator / sum_j |c_{k,j}(beta)|: it grows as beta falls (AB4 -0.3, GHVB 3.8 -0.353, 3.4 -0.453),
+less than heavy ball's factor (2 - beta) / beta (solvers/heavy_ball.py) but keeping the order; measured from the
+solver's own step in tests/test_momentum.py.
 """
 import dataclasses
 import math

@@ -16,9 +16,10 @@ beta = 1 is the base method. The paper's ``k - 1 + beta`` notation (3.8: PLMS4 w
 
 Order: for beta < 1 the average lags D_n by (1 - beta) / beta steps, an O(h) error in every step: HB converges
 with order 1 (the paper proves first order; measured on the Gaussian in tests/test_momentum.py).
-Stability: on d x_bar / d sigma_bar = mu x_bar (z = mu delta) the characteristic polynomial of PLMS-HB is the
-base's times (xi - 1 + beta) / beta on the left side, so at xi = -1 the real stability limit grows by exactly
-(2 - beta) / beta: -2 (2 - beta) / beta for k = 1, -(2 - beta) / beta for AB2, measured in tests/test_momentum.py.
+Stability: on d x_bar / d sigma_bar = mu x_bar (z = mu delta) AB_k's characteristic equation
+(xi - 1) xi^{k-1} = z sigma(xi) becomes (xi - 1)(xi - 1 + beta) xi^{k-1} = beta z xi sigma(xi) with PLMS-HB, so where a
+root crosses xi = -1 the real stability limit grows by exactly (2 - beta) / beta (-2 -> -3 at beta = 0.8 for k = 1,
+-0.3 -> -0.45 for AB4), measured from the solver's own step in tests/test_momentum.py.
 """
 import dataclasses
 from typing import Any, NamedTuple, Optional
