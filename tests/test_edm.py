@@ -48,7 +48,7 @@ def algorithm_2(oracle, x, sigmas, key, heun=True, S_churn=0.0, S_tmin=0.0, S_tm
 @pytest.mark.parametrize("options", [
     {"method": "euler"},
     {"method": "heun"},
-    {"method": "heun", "S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 10.0, "S_noise": 1.003},  # gamma capped at sqrt(2) - 1
+    {"method": "heun", "S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 10.0, "S_noise": 1.003},  # gamma: sqrt(2) - 1
     {"method": "euler", "S_churn": 3.0, "S_tmin": 0.01, "S_tmax": 1.0, "S_noise": 1.007},   # gamma = 3 / 12
 ], ids=lambda o: "-".join(f"{v}" for v in o.values()))
 def test_matches_the_papers_algorithms_on_the_edm_schedule(options):
