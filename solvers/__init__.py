@@ -6,6 +6,11 @@ from solvers import deis  # noqa: F401  (registers the DEIS solvers)
 from solvers import pndm  # noqa: F401  (registers pndm_s, pndm_f, plms)
 from solvers import dpm_solver_v3  # noqa: F401  (registers DPM-Solver-v3)
 from solvers import dc_solver  # noqa: F401  (registers dc_solver)
+from solvers import edm  # noqa: F401  (registers edm_euler, edm_heun, edm_heun_churn)
+from solvers import time_shift  # noqa: F401  (registers ts_ddim, ts_dpm_solver_pp_2m)
+from solvers import teleportation  # noqa: F401  (registers teleport_dpm_solver_pp_2m)
+from solvers import dpm_solver_sde, euler_maruyama, langevin  # noqa: F401  (register the SDE samplers, ddpm_ancestral, the Langevin corrector)
+from solvers import ghvb, heavy_ball  # noqa: F401  (register ghvb_2, ghvb_4, plms_hb, dpm_solver_pp_2m_hb)
 from solvers.base import available, get, register
 from solvers.grids import Grid
 from solvers.predictions import Denoiser, Guided, Thresholded
