@@ -40,14 +40,23 @@ def _run(name, denoiser, grid, x, key=0, **kwargs):
   return solvers.sample(name, denoiser, SCHEDULE, grid, x, key=jax.random.key(key), **kwargs)
 
 
-def order_test_grid(steps):
-  """A grid smoothly non-uniform in lambda (step sizes vary by 3x from start to end).
+def nonuniform_lambdas(steps, lam_start, lam_end):
+  """steps + 1 values of lambda from lam_start to lam_end, smoothly non-uniform (step sizes vary by 3x).
 
   Uniform lambda steps make some methods superconverge on the Gaussian (the exactly-integrated 3M shows
   order 4 there, 3 on any non-uniform grid), which would hide a wrong declared order."""
-  lam_start, lam_end = (float(SCHEDULE.lam(t)) for t in (SCHEDULE.t_max, SCHEDULE.t_min))
   u = np.linspace(0.0, 1.0, steps + 1)
-  lam = lam_start + (lam_end - lam_start) * (u + 0.5 * u * (1 - u))
+  return lam_start + (lam_end - lam_start) * (u + 0.5 * u * (1 - u))
+
+
+def order_test_lambda_range():
+  """(lambda at t_max, lambda at t_min) of the battery's schedule: the range its order test spans."""
+  return tuple(float(SCHEDULE.lam(t)) for t in (SCHEDULE.t_max, SCHEDULE.t_min))
+
+
+def order_test_grid(steps):
+  """The grid of the order test: ``nonuniform_lambdas`` over the schedule's whole range."""
+  lam = nonuniform_lambdas(steps, *order_test_lambda_range())
   times = np.array(SCHEDULE.t_of_lambda(jnp.asarray(lam)))
   times[0], times[-1] = SCHEDULE.t_max, SCHEDULE.t_min
   return grids.from_times(SCHEDULE, times, capacity=512)
