@@ -56,8 +56,24 @@ def difference_weights(h, order):
   return [w[:, :order] for w in (d1_0, d1, d2)]
 
 
+class MultistepRules:
+  """What multistep solvers with fields ``order``, ``lower_order_final`` and ``lower_order_final_below``
+  share: the history buffer, the per-step orders and the order-measurement configuration."""
+
+  def for_order_measurement(self):
+    return dataclasses.replace(self, lower_order_final=False)
+
+  def init(self, denoiser, schedule, grid, x, key):
+    return exponential.init_state(x, self.order, key)
+
+  def step_orders(self, grid):
+    """The order of each step (warm-up, lower-order final steps, first order into sigma = 0)."""
+    return multistep_orders(grid.num_steps, grid.capacity - 1, self.order, self.lower_order_final,
+                            self.lower_order_final_below, grid.sigma[1:] == 0)
+
+
 @dataclasses.dataclass(frozen=True)
-class DPMSolverMultistep(base.Solver):
+class DPMSolverMultistep(MultistepRules, base.Solver):
   order: int = 2
   prediction: str = "data"
   solver_type: str = "midpoint"
@@ -79,17 +95,6 @@ class DPMSolverMultistep(base.Solver):
   def declared_order(self):
     """The reference 3M converges with order 2 only (measured: tests/test_dpm_solver.py)."""
     return 2 if self.order == 3 and self.third_order == "reference" else self.order
-
-  def for_order_measurement(self):
-    return dataclasses.replace(self, lower_order_final=False)
-
-  def init(self, denoiser, schedule, grid, x, key):
-    return exponential.init_state(x, self.order, key)
-
-  def step_orders(self, grid):
-    """The order of each step (warm-up, lower-order final steps, first order into sigma = 0)."""
-    return multistep_orders(grid.num_steps, grid.capacity - 1, self.order, self.lower_order_final,
-                            self.lower_order_final_below, grid.sigma[1:] == 0)
 
   def coefficients(self, grid, schedule):
     h = exponential.step_sizes(grid)

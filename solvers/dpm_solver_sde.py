@@ -26,11 +26,11 @@ import jax.numpy as jnp
 
 from solvers import base, exponential
 from solvers.ddim import DDIM
-from solvers.dpm_solver_multistep import SOLVER_TYPES, difference_weights, multistep_orders
+from solvers.dpm_solver_multistep import SOLVER_TYPES, MultistepRules, difference_weights
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverSDE(base.Solver):
+class DPMSolverSDE(MultistepRules, base.Solver):
   order: int = 2
   solver_type: str = "midpoint"
   lower_order_final: bool = True
@@ -44,17 +44,6 @@ class DPMSolverSDE(base.Solver):
     base.check_options(self, (("solver_type", SOLVER_TYPES),))
     if not self.s_noise >= 0:
       raise ValueError(f"s_noise={self.s_noise!r} must be >= 0")
-
-  def for_order_measurement(self):
-    return dataclasses.replace(self, lower_order_final=False)
-
-  def init(self, denoiser, schedule, grid, x, key):
-    return exponential.init_state(x, self.order, key)
-
-  def step_orders(self, grid):
-    """The order of each step (warm-up, lower-order final steps, first order into sigma = 0)."""
-    return multistep_orders(grid.num_steps, grid.capacity - 1, self.order, self.lower_order_final,
-                            self.lower_order_final_below, grid.sigma[1:] == 0)
 
   def coefficients(self, grid, schedule):
     h = exponential.step_sizes(grid)
