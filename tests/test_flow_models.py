@@ -12,8 +12,9 @@ exactly (x_t = sigma_t x_s + alpha_t a1(inf) x0 with a1(inf) = 1), so they start
 solvers registered later, until they are listed there) start at ``T_START`` (lambda = -12, alpha = 6e-6):
 noise-form updates multiply by alpha_t / alpha_s (DDIM's eps form, DPM-Solver, DEIS, the PNDM family, EDM's
 Euler / Heun in x / alpha); a singlestep group needs its inner nodes at finite r = (lambda_i - lambda_s) / h,
-undefined for h = inf (DPM-Solver++ 2S / 3S); DPM-Solver-v3's step weights integrate its statistics from lambda_s. Both starts use the same nodes after the first, so every order is
-measured on one grid shape, with each solver's order caps off and the battery's tolerance.
+undefined for h = inf (DPM-Solver++ 2S / 3S); DPM-Solver-v3's step weights integrate its statistics from
+lambda_s. Both starts share every node after the first, so every order is measured on one grid shape, with
+each solver's order caps off and the battery's tolerance.
 """
 import dataclasses
 
