@@ -100,32 +100,6 @@ def test_state_keeps_shape_and_dtype(name, dtype):
   assert state.x.dtype == dtype
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_no_recompile_for_new_params_key_or_grid(name):
-  oracle = _gaussian()
-  x = _x_T(oracle)
-  _run(name, oracle.denoiser(SCHEDULE), grids.uniform_logsnr(SCHEDULE, 10), x, key=0)
-  before = loop.trace_count()
-  other = analytic.Gaussian(mean=oracle.mean + 0.5, std=oracle.std * 1.1)
-  _run(name, other.denoiser(SCHEDULE), grids.uniform_logsnr(SCHEDULE, 10), x, key=1)
-  _run(name, oracle.denoiser(SCHEDULE), grids.uniform_t(SCHEDULE, 10, t_end=0.01), x, key=2)
-  _run(name, oracle.denoiser(SCHEDULE), grids.karras(SCHEDULE, 17), x, key=3)
-  _run(name, oracle.denoiser(SCHEDULE), grids.uniform_logsnr(SCHEDULE, 10, final="zero"), x + 0.1, key=4)
-  assert loop.trace_count() == before
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_same_result_without_jit(name):
-  oracle = _gaussian()
-  x = _x_T(oracle, n=2)
-  grid = grids.uniform_logsnr(SCHEDULE, 3, capacity=4)
-  jitted = _run(name, oracle.denoiser(SCHEDULE), grid, x)
-  with jax.disable_jit():
-    eager = _run(name, oracle.denoiser(SCHEDULE), grid, x)
-  np.testing.assert_allclose(eager.x, jitted.x, rtol=1e-12, atol=1e-12)
-  assert int(eager.nfe) == int(jitted.nfe)
-
-
 def counting_denoiser(oracle, counter):
   """The oracle's denoiser (VP linear), adding 1 to counter[0] each time the model really runs."""
   inner = oracle.denoiser(SCHEDULE)
@@ -138,14 +112,34 @@ def counting_denoiser(oracle, counter):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_reported_nfe_equals_model_calls(name):
+def test_one_compilation_counted_nfe_and_same_result_without_jit(name):
+  """Three properties on one compiled loop (the suite's time is mostly compilation):
+  - new params, key or grid of the same capacity never recompile;
+  - the reported NFE equals the model calls counted, for both final policies;
+  - the same result (and NFE) under jax.disable_jit(), the debug path."""
   oracle, counter = _gaussian(), [0]
   denoiser = counting_denoiser(oracle, counter)
-  for steps, final in ((3, "t_end"), (7, "zero")):
+  x = _x_T(oracle)
+
+  def counted_run(denoiser, grid, x, key):
     counter[0] = 0
-    sol = _run(name, denoiser, grids.uniform_logsnr(SCHEDULE, steps, final=final), _x_T(oracle))
+    sol = _run(name, denoiser, grid, x, key=key)
     jax.effects_barrier()
-    assert int(sol.nfe) == counter[0] > 0
+    assert int(sol.nfe) == counter[0] > 0, (name, int(sol.nfe), counter[0])
+    return sol
+
+  counted_run(denoiser, grids.uniform_logsnr(SCHEDULE, 10), x, key=0)
+  before = loop.trace_count()
+  other = analytic.Gaussian(mean=oracle.mean + 0.5, std=oracle.std * 1.1).denoiser(SCHEDULE)
+  counted_run(denoiser.replace(params=other.params), grids.uniform_logsnr(SCHEDULE, 10), x, key=1)
+  counted_run(denoiser, grids.uniform_t(SCHEDULE, 10, t_end=0.01, final="zero"), x, key=2)
+  counted_run(denoiser, grids.karras(SCHEDULE, 17), x, key=3)
+  short = counted_run(denoiser, grids.uniform_logsnr(SCHEDULE, 3), x + 0.1, key=4)
+  assert loop.trace_count() == before
+  with jax.disable_jit():  # the same 3 steps without padding: eager cost grows with the capacity
+    eager = counted_run(denoiser, grids.uniform_logsnr(SCHEDULE, 3, capacity=4), x + 0.1, key=4)
+  np.testing.assert_allclose(eager.x, short.x, rtol=1e-12, atol=1e-12)
+  assert int(eager.nfe) == int(short.nfe)
 
 
 @pytest.mark.parametrize("name", ALL)

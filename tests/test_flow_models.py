@@ -36,7 +36,8 @@ LAM_END = battery.order_test_lambda_range()[1]      # the battery's end: t = 0.0
 T_START = float(FLOW.t_of_lambda(LAM_START))
 STARTS_AT_PURE_NOISE = {
     "ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "dpm_solver_pp_3m_exact", "dpm_solver_pp_2m_unic", "unipc_bh1_1",
-    "unipc_bh1_2", "unipc_bh1_3", "unipc_bh2_1", "unipc_bh2_2", "unipc_bh2_3", "dc_solver"}
+    "unipc_bh1_2", "unipc_bh1_3", "unipc_bh2_1", "unipc_bh2_2", "unipc_bh2_3", "dc_solver", "dpm_solver_pp_2m_hb",
+    "teleport_dpm_solver_pp_2m", "ts_ddim", "ts_dpm_solver_pp_2m"}
 ADAPTIVE = [name for name in battery.DETERMINISTIC if solvers.get(name).adaptive]
 
 
