@@ -383,8 +383,10 @@ def solver_family(name):
     return "UniPC / UniC"
   if tokens[0] == "deis":
     return "DEIS"
-  if tokens[0] in ("pndm", "plms"):
-    return "PNDM / PLMS"
+  if tokens[0] in ("pndm", "plms", "ghvb") or tokens[-1] == "hb":
+    return "PNDM / PLMS / momentum (HB, GHVB)"
+  if tokens[0] in ("edm", "ts", "teleport"):
+    return "EDM, time shift, teleportation"
   if name in ("dpm_solver_v3", "dc_solver"):
     return "learned from the model (v3 EMS, DC ratios)"
   if tokens[0] == "dpm":
