@@ -397,7 +397,7 @@ def solver_family(name):
 
 
 def plot(results):
-  """PNG bytes: log-log RMSE against NFE; a row per problem, a panel per solver family, reference slopes."""
+  """PNG bytes: log-log RMSE against NFE; a row per solver family, a column per problem, reference slopes."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.ticker
@@ -405,11 +405,11 @@ def plot(results):
 
   problems = list(results["problems"])
   families = sorted({solver_family(n) for p in problems for n in results["problems"][p]["solvers"]})
-  fig, axes = plt.subplots(len(problems), len(families), figsize=(4.2 * len(families), 3.8 * len(problems)),
+  fig, axes = plt.subplots(len(families), len(problems), figsize=(6.0 * len(problems), 4.2 * len(families)),
                            squeeze=False)
-  for row, problem in zip(axes, problems):
+  for column, problem in zip(axes.T, problems):
     entry = results["problems"][problem]
-    for ax, family in zip(row, families):
+    for ax, family in zip(column, families):
       anchors, orders, nfe_all = [], set(), []
       for name, rec in entry["solvers"].items():
         pts = [(r["nfe"], r["rmse"]) for r in rec["runs"] if r.get("rmse")]
