@@ -30,7 +30,6 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from solvers import base, deis
@@ -127,7 +126,7 @@ class EDM(base.Solver):
     c = base.cast_coefficients({k: v for k, v in coeffs.items() if k != "t"}, state.x)
     x_eval = c["scale"] * state.x
     if self.stochastic:
-      z = jax.random.normal(base.step_key(state.key, i // self.stages), state.x.shape, x_eval.dtype)
+      z = base.noise(state.key, state.x, i // self.stages).astype(x_eval.dtype)
       x_eval = x_eval + c["noise"] * z
     eps = denoiser.predict("eps", x_eval.astype(state.x.dtype), coeffs["t"], schedule)
     is_predictor = c["predictor"] > 0

@@ -20,6 +20,7 @@ from solvers import grids, loop, predictions, schedules
 
 ALL = solvers.available()
 DETERMINISTIC = [name for name in ALL if not solvers.get(name).stochastic]
+STOCHASTIC = [name for name in ALL if solvers.get(name).stochastic]
 FIXED_GRID = [name for name in DETERMINISTIC if not solvers.get(name).adaptive]  # order measured on a grid
 STEPS = (40, 80, 160)  # where every registered solver is asymptotic on this problem
 ORDER_TOLERANCE = 0.3
@@ -191,3 +192,15 @@ def test_gradients_match_finite_differences(name):
   fd_x = (loss(oracle.mean, x + eps * d_x) - loss(oracle.mean, x - eps * d_x)) / (2 * eps)
   np.testing.assert_allclose(jnp.sum(g_mean * d_mean), fd_mean, rtol=1e-6)
   np.testing.assert_allclose(jnp.sum(g_x * d_x), fd_x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_a_sample_depends_on_its_own_key_not_on_the_batch(name):
+  """With one key per sample (key.shape == (batch,)), a sample is the same in any batch it is drawn in."""
+  oracle = _gaussian()
+  x, keys = _x_T(oracle, n=6, seed=2), jax.random.split(jax.random.key(11), 6)
+  grid = grids.uniform_logsnr(SCHEDULE, 6, final="zero")
+  run = lambda x, keys: solvers.sample(name, oracle.denoiser(SCHEDULE), SCHEDULE, grid, x, key=keys).x  # noqa: E731
+  full, part = run(x, keys), run(x[2:5], keys[2:5])
+  np.testing.assert_allclose(part, full[2:5], rtol=1e-12, atol=1e-12)
+  assert float(jnp.min(jnp.max(jnp.abs(run(x, keys[::-1]) - full), axis=1))) > 0  # other keys: other noise

@@ -177,19 +177,6 @@ def test_wrong_noise_fails_the_distribution_check(solver):
 
 # --- keys -----------------------------------------------------------------------------------------------------
 
-STOCHASTIC = ["ddpm_ancestral", "dpm_solver_pp_2m_sde", "euler_maruyama", "euler_maruyama_langevin"]
-
-
-@pytest.mark.parametrize("name", STOCHASTIC)
-def test_a_sample_depends_on_its_own_key_not_on_the_batch(name):
-  x, keys = _x_T(6, seed=2), jax.random.split(jax.random.key(11), 6)
-  grid = grids.uniform_logsnr(SCHEDULE, 6, final="zero")
-  run = lambda x, keys: solvers.sample(name, ORACLE.denoiser(SCHEDULE), SCHEDULE, grid, x, key=keys).x  # noqa: E731
-  full, part = run(x, keys), run(x[2:5], keys[2:5])
-  np.testing.assert_allclose(part, full[2:5], rtol=1e-13, atol=1e-13)
-  assert float(jnp.min(jnp.abs(run(x, keys[::-1]) - full))) > 0  # other keys, other noise for every sample
-
-
 def test_batch_averaged_langevin_step_depends_on_the_batch():
   x, keys = _x_T(6, seed=2), jax.random.split(jax.random.key(11), 6)
   grid = grids.uniform_logsnr(SCHEDULE, 6)
