@@ -95,6 +95,16 @@ def _assert_close(ours, theirs, rtol, what):
   assert diff <= rtol, f"{what}: relative difference {diff:.3e} > {rtol:.0e}"
 
 
+def _assert_parity(what, ours, nfe, runs, grid, num_steps):
+  """The grid is diffusers' sigma list (rho = exp(-lambda) at every node), the samples agree in the float64
+  and stock modes, and both sides made num_steps model calls."""
+  np.testing.assert_allclose(np.exp(-np.asarray(grid.lam[: num_steps + 1])), runs["float64"].sigmas,
+                             rtol=1e-12, err_msg=what)
+  _assert_close(ours, runs["float64"].x, F64_RTOL, what + " (float64)")
+  _assert_close(ours, runs["stock"].x, STOCK_RTOL, what + " (stock)")
+  assert nfe == runs["float64"].nfe == num_steps
+
+
 # --- the diffusers side ------------------------------------------------------------------------------------
 
 
@@ -401,12 +411,7 @@ def test_dpm_multistep_parity(name):
     for num_steps in STEPS:
       ours, nfe, runs, grid = dpm_case(name, final, num_steps)
       what = f"{name} final={final} N={num_steps}"
-      # The grid is diffusers' sigma list: rho = exp(-lambda) at every node.
-      np.testing.assert_allclose(np.exp(-np.asarray(grid.lam[: num_steps + 1])), runs["float64"].sigmas,
-                                 rtol=1e-12, err_msg=what)
-      _assert_close(ours, runs["float64"].x, F64_RTOL, what + " (float64)")
-      _assert_close(ours, runs["stock"].x, STOCK_RTOL, what + " (stock)")
-      assert nfe == runs["float64"].nfe == num_steps
+      _assert_parity(what, ours, nfe, runs, grid, num_steps)
     for spacing, offset in OTHER_SPACINGS:
       for num_steps in (7, 20):
         ours, _, runs, _ = dpm_case(name, final, num_steps, spacing=spacing, steps_offset=offset)
@@ -433,11 +438,7 @@ def test_deis_logrho_parity(order):
   for num_steps in STEPS:
     ours, nfe, runs, grid = deis_case(order, num_steps)
     what = f"DEIS log-rho order {order} N={num_steps}"
-    np.testing.assert_allclose(np.exp(-np.asarray(grid.lam[: num_steps + 1])), runs["float64"].sigmas,
-                               rtol=1e-12, err_msg=what)
-    _assert_close(ours, runs["float64"].x, F64_RTOL, what + " (float64)")
-    _assert_close(ours, runs["stock"].x, STOCK_RTOL, what + " (stock)")
-    assert nfe == runs["float64"].nfe == num_steps
+    _assert_parity(what, ours, nfe, runs, grid, num_steps)
   for spacing, offset in OTHER_SPACINGS:
     for num_steps in (7, 20):
       ours, _, runs, _ = deis_case(order, num_steps, spacing=spacing, steps_offset=offset)
@@ -454,11 +455,7 @@ def test_dpm_singlestep_parity(name):
       for num_steps in STEPS:
         ours, nfe, runs, grid = singlestep_case(name, final, num_steps, lower_order_final)
         what = f"{name} final={final} lower_order_final={lower_order_final} N={num_steps}"
-        np.testing.assert_allclose(np.exp(-np.asarray(grid.lam[: num_steps + 1])), runs["float64"].sigmas,
-                                   rtol=1e-12, err_msg=what)
-        _assert_close(ours, runs["float64"].x, F64_RTOL, what + " (float64)")
-        _assert_close(ours, runs["stock"].x, STOCK_RTOL, what + " (stock)")
-        assert nfe == runs["float64"].nfe == num_steps
+        _assert_parity(what, ours, nfe, runs, grid, num_steps)
 
 
 @pytest.mark.parametrize("name", UNIPC_CASES)
@@ -467,11 +464,7 @@ def test_unipc_parity(name):
     for num_steps in STEPS:
       ours, nfe, runs, grid = unipc_case(name, final, num_steps)
       what = f"{name} final={final} N={num_steps}"
-      np.testing.assert_allclose(np.exp(-np.asarray(grid.lam[: num_steps + 1])), runs["float64"].sigmas,
-                                 rtol=1e-12, err_msg=what)
-      _assert_close(ours, runs["float64"].x, F64_RTOL, what + " (float64)")
-      _assert_close(ours, runs["stock"].x, STOCK_RTOL, what + " (stock)")
-      assert nfe == runs["float64"].nfe == num_steps
+      _assert_parity(what, ours, nfe, runs, grid, num_steps)
   for spacing, offset in OTHER_SPACINGS[1:]:
     ours, _, runs, _ = unipc_case(name, "sigma_min", 7, modes=("float64",), spacing=spacing, steps_offset=offset)
     _assert_close(ours, runs["float64"].x, F64_RTOL, f"{name} {spacing} steps_offset={offset}")
