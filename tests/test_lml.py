@@ -17,7 +17,7 @@ from solvers.langevin import LangevinCorrector
 from tests import test_battery as battery
 
 SCHEDULE = schedules.VPLinear()
-NAME = "dpm_solver_pp_2m_lml"
+NAME = "ddim_lml"
 
 
 def _move_inputs(b=5, d=6, r=2, seed=0):
@@ -152,3 +152,27 @@ def test_battery(check):
 def test_battery_state_and_finite():
   battery.test_state_keeps_shape_and_dtype(NAME, jnp.float32)
   battery.test_finite_for_every_step_count_and_final_policy(NAME)
+
+
+@pytest.mark.parametrize("reuse", ["x0", "eps"])
+def test_reuse_adds_no_model_call_and_a_null_move_is_the_base_solver(reuse):
+  """reuse: the predictor takes the move's output, so NFE is the base solver's; with snr = 0 the move is null
+  and the samples are the base solver's."""
+  oracle = analytic.gmm(dim=4, seed=1)
+  counter = [0]
+  den = battery.counting_denoiser(oracle, counter)
+  grid = grids.uniform_logsnr(SCHEDULE, 6, final="zero")
+  x = jax.random.normal(jax.random.key(0), (8, 4), jnp.float64)
+  for base_name in ("dpm_solver_pp_2m", "ddim"):
+    base_solver = solvers.get(base_name)
+    ref = solvers.sample(base_solver, den, SCHEDULE, grid, x)
+    counter[0] = 0
+    sol = solvers.sample(lml.LML(predictor=base_solver, reuse=reuse), den, SCHEDULE, grid, x, key=jax.random.key(1))
+    jax.effects_barrier()
+    assert int(sol.nfe) == counter[0] == int(ref.nfe) == grid.num_steps
+    assert float(jnp.max(jnp.abs(sol.x - ref.x))) > 1e-3
+    null = solvers.sample(lml.LML(predictor=base_solver, reuse=reuse, snr=0.0), den, SCHEDULE, grid, x,
+                          key=jax.random.key(1))
+    np.testing.assert_allclose(null.x, ref.x, rtol=1e-10, atol=1e-10)
+  with pytest.raises(ValueError):
+    lml.LML(predictor=solvers.get("euler_maruyama_langevin"), reuse="x0")
