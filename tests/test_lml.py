@@ -36,8 +36,10 @@ def test_damping_to_infinity_is_the_plain_langevin_move(rank):
   h = 0.05
   plain = x + h * s + jnp.sqrt(2 * h) * z
   lams = (1e3, 1e5, 1e7)
-  drift = [float(jnp.max(jnp.abs(lml.lml_move(x, s, outputs, lam, h, 0 * z, 0 * zeta) - x - h * s))) for lam in lams]
-  gaps = [float(jnp.max(jnp.abs(lml.lml_move(x, s, outputs, lam, h, z, zeta) - plain))) for lam in lams]
+  move = jax.jit(lml.lml_move)  # a traced damping: inf gives U = 0 there too
+  drift = [float(jnp.max(jnp.abs(move(x, s, outputs, lam, h, 0 * z, 0 * zeta) - x - h * s))) for lam in lams]
+  gaps = [float(jnp.max(jnp.abs(move(x, s, outputs, lam, h, z, zeta) - plain))) for lam in lams]
+  np.testing.assert_allclose(move(x, s, outputs, math.inf, h, z, zeta), plain, rtol=0, atol=1e-15)
   assert drift[0] > 1e-5 and gaps[0] > 1e-3
   for a, b in zip(drift, drift[1:]):
     np.testing.assert_allclose(b / a, 1e-2, rtol=0.1)
@@ -48,22 +50,18 @@ def test_damping_to_infinity_is_the_plain_langevin_move(rank):
 
 
 def test_sampler_limits_are_the_langevin_corrector():
-  """damping = inf or rank = 0: the Langevin corrector around the same predictor, to rounding; a finite damping moves it."""
+  """damping = inf: the Langevin corrector around the same predictor, to rounding; a finite damping moves it."""
   oracle = analytic.gmm(dim=4, seed=1)
   den = oracle.denoiser(SCHEDULE)
   grid = grids.uniform_logsnr(SCHEDULE, 6, final="zero")
   x = jax.random.normal(jax.random.key(0), (16, 4), jnp.float64)
   key = jax.random.key(3)
   ref = solvers.sample(LangevinCorrector(predictor=DPMSolverMultistep(order=2)), den, SCHEDULE, grid, x, key=key)
-  for solver in (lml.LML(damping=math.inf), lml.LML(rank=0)):
-    sol = solvers.sample(solver, den, SCHEDULE, grid, x, key=key)
-    np.testing.assert_allclose(sol.x, ref.x, rtol=1e-10, atol=1e-10)
-    assert int(sol.nfe) == int(ref.nfe)
-  gap = {lam: float(jnp.max(jnp.abs(solvers.sample(lml.LML(damping=lam), den, SCHEDULE, grid, x, key=key).x - ref.x)))
-         for lam in (0.1, 1e7, 1e9)}
-  assert gap[0.1] > 1e-2
-  assert gap[1e9] < 1e-3
-  np.testing.assert_allclose(gap[1e9] / gap[1e7], 0.1, rtol=0.3)  # pathwise like damping^{-1/2}
+  sol = solvers.sample(lml.LML(damping=math.inf), den, SCHEDULE, grid, x, key=key)  # rank 0: the same branch
+  np.testing.assert_allclose(sol.x, ref.x, rtol=1e-10, atol=1e-10)
+  assert int(sol.nfe) == int(ref.nfe)
+  near = solvers.sample(lml.LML(damping=0.1), den, SCHEDULE, grid, x, key=key)
+  assert float(jnp.max(jnp.abs(near.x - ref.x))) > 1e-2  # a finite damping moves the samples (the rate: above)
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3, 5])
@@ -89,17 +87,22 @@ def test_low_rank_hessian_vector_product_against_jvp():
   for oracle in (analytic.gaussian(dim=4, seed=3), analytic.gmm(dim=4, seed=2)):
     x = oracle.sample(jax.random.key(1), n, alpha, sigma)
     v = jax.random.normal(jax.random.key(2), (4,), jnp.float64)
-    eps = oracle.eps(x, alpha, sigma)
-    score = lambda y: -oracle.eps(y, alpha, sigma) / sigma  # noqa: E731
-    exact = jax.jvp(score, (x,), (jnp.broadcast_to(v, x.shape),))[1]          # H(x) v, per sample
-    approx = lml.hessian_vector_product(eps[None], sigma, jnp.broadcast_to(v, x.shape))
+
+    @jax.jit
+    def products(oracle, x, v):
+      eps = oracle.eps(x, alpha, sigma)
+      score = lambda y: -oracle.eps(y, alpha, sigma) / sigma  # noqa: E731
+      exact = jax.jvp(score, (x,), (jnp.broadcast_to(v, x.shape),))[1]          # H(x) v, per sample
+      return exact, lml.hessian_vector_product(eps[None], sigma, jnp.broadcast_to(v, x.shape))
+
+    exact, approx = products(oracle, x, v)
     scale = float(jnp.linalg.norm(jnp.mean(exact, 0)))
     mean_err = float(jnp.linalg.norm(jnp.mean(approx, 0) - jnp.mean(exact, 0))) / scale
     assert mean_err < 5 / math.sqrt(n), (type(oracle).__name__, mean_err)
     point_err = float(jnp.median(jnp.linalg.norm(approx - exact, axis=1) / jnp.linalg.norm(exact, axis=1)))
     assert point_err > 0.3  # pointwise, a rank-1 product is no Hessian: the promise is in expectation
   # and jax.hessian of log p_t agrees with the jvp of the score on the mixture (the exact reference is right)
-  hess = jax.hessian(lambda y: oracle.log_prob(y, alpha, sigma))(x[0])
+  hess = jax.jit(jax.hessian(lambda y: oracle.log_prob(y, alpha, sigma)))(x[0])
   np.testing.assert_allclose(hess @ v, exact[0], rtol=1e-8, atol=1e-10)
 
 
@@ -123,7 +126,7 @@ def test_wraps_other_solvers_and_rejects_what_it_cannot():
   oracle = analytic.gmm(dim=4, seed=1)
   grid = grids.uniform_logsnr(SCHEDULE, 5)
   x = jax.random.normal(jax.random.key(0), (4, 4), jnp.float64)
-  for name in ("ddim", "unipc_bh2_2", "euler_maruyama_langevin"):
+  for name in ("unipc_bh2_2", "euler_maruyama_langevin"):
     if name not in solvers.available():
       continue
     sol = solvers.sample(lml.LML(predictor=solvers.get(name), rank=2), oracle.denoiser(SCHEDULE), SCHEDULE, grid, x,
