@@ -11,6 +11,7 @@ from solvers import time_shift  # noqa: F401  (registers ts_ddim, ts_dpm_solver_
 from solvers import teleportation  # noqa: F401  (registers teleport_dpm_solver_pp_2m)
 from solvers import dpm_solver_sde, euler_maruyama, langevin  # noqa: F401  (register the SDE samplers, ddpm_ancestral, the Langevin corrector)
 from solvers import ghvb, heavy_ball  # noqa: F401  (register ghvb_2, ghvb_4, plms_hb, dpm_solver_pp_2m_hb)
+from solvers import lml  # noqa: F401  (registers ddim_lml, the Levenberg-Marquardt-Langevin plug-in)
 from solvers.base import available, get, register
 from solvers.grids import Grid
 from solvers.predictions import Denoiser, Guided, Thresholded

@@ -1,7 +1,7 @@
 """LML (solvers/lml.py): the damping -> inf and rank -> 0 limits are the plain Langevin move, the low-rank
 Hessian-vector product against jax.jvp of the exact score, Woodbury against dense algebra, the noise
-covariance, NFE counted with the noise-level window, and the battery on the registered name (which joins
-tests/test_battery.py once solvers/__init__.py imports solvers.lml)."""
+covariance, NFE counted with the noise-level window (the registered ``ddim_lml`` also runs through
+tests/test_battery.py)."""
 import math
 
 import jax
@@ -139,22 +139,6 @@ def test_wraps_other_solvers_and_rejects_what_it_cannot():
   with pytest.raises(ValueError):
     solvers.sample(lml.LML(predictor=solvers.get("edm_heun_churn")), oracle.denoiser(SCHEDULE), SCHEDULE, grid, x,
                    key=jax.random.key(0))
-
-
-# The battery on the registered name (tests/test_battery.py runs it too once solvers/__init__ imports lml).
-@pytest.mark.parametrize("check", [
-    battery.test_one_compilation_counted_nfe_and_same_result_without_jit,
-    battery.test_vmap_over_samples_and_keys,
-    battery.test_gradients_match_finite_differences,
-    battery.test_a_sample_depends_on_its_own_key_not_on_the_batch,
-])
-def test_battery(check):
-  check(NAME)
-
-
-def test_battery_state_and_finite():
-  battery.test_state_keeps_shape_and_dtype(NAME, jnp.float32)
-  battery.test_finite_for_every_step_count_and_final_policy(NAME)
 
 
 @pytest.mark.parametrize("reuse,base_name", [("x0", "ddim"), ("eps", "dpm_solver_pp_2m")])
