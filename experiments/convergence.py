@@ -6,6 +6,7 @@ Outputs in --workdir: config.json, results.json, metrics.jsonl, table.txt, conve
 """
 from absl import app, flags
 
+from experiments import cli
 from experiments import convergence_lib as lib
 from solvers import grids
 
@@ -26,22 +27,6 @@ _PREPARE_SEED = flags.DEFINE_integer("prepare_seed", _D.prepare_seed, "PRNG seed
                                      lower_bound=0)
 
 
-def _ints(values):
-  """Parses --nfe; a bad entry raises ValueError naming it."""
-  out = []
-  for v in values:
-    try:
-      n = int(v)
-    except ValueError:
-      raise ValueError(f"--nfe: {v!r} is not an integer") from None
-    if n < 1:
-      raise ValueError(f"--nfe: {n} must be >= 1")
-    out.append(n)
-  if not out:
-    raise ValueError("--nfe is empty: list at least one integer >= 1")
-  return out
-
-
 def _validator(check):
   """A flag validator whose ValueError (naming the bad value) becomes an absl flag error."""
   def validate(value):
@@ -53,7 +38,7 @@ def _validator(check):
   return validate
 
 
-flags.register_validator("nfe", _validator(_ints))
+flags.register_validator("nfe", _validator(lambda v: cli.numbers(v, "nfe", int, minimum=1)))
 flags.register_validator("problems", _validator(lambda v: lib.resolve_config({"problems": v or []})))
 flags.register_validator("solvers", _validator(lambda v: v is None or lib.resolve_config({"solvers": v})))
 
@@ -61,7 +46,7 @@ flags.register_validator("solvers", _validator(lambda v: v is None or lib.resolv
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = lib.Config(problems=_PROBLEMS.value, solvers=_SOLVERS.value, nfe_steps=_ints(_NFE.value),
+  config = lib.Config(problems=_PROBLEMS.value, solvers=_SOLVERS.value, nfe_steps=list(cli.numbers(_NFE.value, "nfe", int, minimum=1)),
                       grid=_GRID.value, final=_FINAL.value, batch=_BATCH.value, seed=_SEED.value,
                       prepare_seed=_PREPARE_SEED.value)
   lib.run(config, _WORKDIR.value)

@@ -9,6 +9,7 @@ import math
 
 from absl import app, flags
 
+from experiments import cli
 from experiments import lml_lib as lib
 
 _D = lib.Config()
@@ -27,36 +28,6 @@ _SNR = flags.DEFINE_float("snr", _D.snr, "Langevin move size: step = 2 (snr sigm
 _DIM = flags.DEFINE_integer("dim", _D.dim, "GMM dimension.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch", _D.batch, "Samples per configuration.", lower_bound=2)
 _SEED = flags.DEFINE_integer("seed", _D.seed, "PRNG seed.", lower_bound=0)
-
-
-def _floats(values, name, positive=True):
-  out = []
-  for v in values:
-    try:
-      f = float(v)
-    except ValueError:
-      raise ValueError(f"--{name}: {v!r} is not a number") from None
-    if positive and not f > 0:
-      raise ValueError(f"--{name}: {v} must be > 0")
-    out.append(f)
-  if not out:
-    raise ValueError(f"--{name} is empty")
-  return tuple(out)
-
-
-def _ints(values, name, minimum):
-  out = []
-  for v in values:
-    try:
-      n = int(v)
-    except ValueError:
-      raise ValueError(f"--{name}: {v!r} is not an integer") from None
-    if n < minimum:
-      raise ValueError(f"--{name}: {n} must be >= {minimum}")
-    out.append(n)
-  if not out:
-    raise ValueError(f"--{name} is empty")
-  return tuple(out)
 
 
 def _windows(values):
@@ -84,8 +55,8 @@ def _reuses(values):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = lib.Config(solvers=tuple(_SOLVERS.value), nfe=_ints(_NFE.value, "nfe", 2),
-                      dampings=_floats(_DAMPINGS.value, "dampings"), ranks=_ints(_RANKS.value, "ranks", 1),
+  config = lib.Config(solvers=tuple(_SOLVERS.value), nfe=cli.numbers(_NFE.value, "nfe", int, minimum=2),
+                      dampings=cli.numbers(_DAMPINGS.value, "dampings", float, minimum=0, exclusive=True), ranks=cli.numbers(_RANKS.value, "ranks", int, minimum=1),
                       windows=_windows(_WINDOWS.value), reuses=_reuses(_REUSES.value), kappa=_KAPPA.value, snr=_SNR.value, dim=_DIM.value,
                       batch=_BATCH.value, seed=_SEED.value)
   if not 0 <= config.kappa <= 1 or math.isnan(config.kappa):
