@@ -12,6 +12,7 @@ from solvers import teleportation  # noqa: F401  (registers teleport_dpm_solver_
 from solvers import dpm_solver_sde, euler_maruyama, langevin  # noqa: F401  (register the SDE samplers, ddpm_ancestral, the Langevin corrector)
 from solvers import ghvb, heavy_ball  # noqa: F401  (register ghvb_2, ghvb_4, plms_hb, dpm_solver_pp_2m_hb)
 from solvers import lml  # noqa: F401  (registers ddim_lml, the Levenberg-Marquardt-Langevin plug-in)
+from solvers import bdia, edict  # noqa: F401  (register bdia_ddim, bdia_edm, edict)
 from solvers.base import available, get, register
 from solvers.grids import Grid
 from solvers.predictions import Denoiser, Guided, Thresholded

@@ -29,6 +29,24 @@ class State(NamedTuple):
   key: Any
 
 
+class Latent(NamedTuple):
+  """What an inversion returns and a regeneration starts from: the latent at the noise end of the grid and,
+  for exact inversion, its partner (BDIA: the latent at the grid's second node; EDICT: the second of the
+  coupled sequences). ``partner`` is None for naive (DDIM / DPM-Solver++) inversion."""
+  x: jnp.ndarray
+  partner: Any = None
+
+
+class PairState(NamedTuple):
+  """The state of the exact-inversion solvers (BDIA, EDICT): two latents. ``start`` is the first iteration
+  the loop takes (1 when a BDIA regeneration starts from a stored pair, which replaces the first step)."""
+  x: jnp.ndarray
+  partner: jnp.ndarray
+  nfe: jnp.ndarray
+  key: Any
+  start: jnp.ndarray
+
+
 def compute_dtype(x):
   """Solver arithmetic runs in x's dtype, but never below float32 (bf16 samples step in float32)."""
   return jnp.promote_types(x.dtype, jnp.float32)

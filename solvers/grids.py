@@ -45,6 +45,17 @@ class Grid:
     return np.asarray(self.t)[: int(self.num_steps) + 1]
 
 
+def reverse(grid):
+  """The same nodes in the opposite order (inversion runs the sampling grid backwards): node k of the
+  result is node ``num_steps - k`` of ``grid``, and the padding repeats ``grid``'s first node. Traceable,
+  so one compilation serves every step count; a sigma = 0 node (lambda = +inf) becomes the first node."""
+  k = jnp.arange(grid.capacity)
+  index = jnp.maximum(grid.num_steps - k, 0)
+  take = lambda a: jnp.take(a, index)
+  return Grid(t=take(grid.t), alpha=take(grid.alpha), sigma=take(grid.sigma), lam=take(grid.lam),
+              num_steps=grid.num_steps)
+
+
 def default_capacity(num_nodes):
   """Grids are padded to max(64, next power of two) nodes, so NFE 1..63 share one compilation."""
   return max(MIN_CAPACITY, 2 ** math.ceil(math.log2(max(num_nodes, 1))))

@@ -32,11 +32,12 @@ class Solution(NamedTuple):
   trajectory: Optional[jnp.ndarray]  # (iterations + 1, *x.shape): x after every iteration; skipped ones repeat it
 
 
-def _run(solver, denoiser, schedule, grid, x, key, return_trajectory):
+def _run(solver, denoiser, schedule, grid, start, key, return_trajectory, return_state=False):
   _TRACES[0] += 1
   steps = jnp.arange(solver.num_iterations(grid))
   coeffs = solver.coefficients(grid, schedule)
-  state = solver.init(denoiser, schedule, grid, x, key)
+  state = solver.init(denoiser, schedule, grid, start, key)
+  x = state.x
 
   def body(state, row):
     i, c = row
@@ -47,11 +48,12 @@ def _run(solver, denoiser, schedule, grid, x, key, return_trajectory):
 
   state, xs = jax.lax.scan(body, state, (steps, coeffs))
   trajectory = jnp.concatenate([x[None], xs]) if return_trajectory else None
-  return Solution(x=state.x, nfe=state.nfe, trajectory=trajectory)
+  solution = Solution(x=state.x, nfe=state.nfe, trajectory=trajectory)
+  return (solution, state) if return_state else solution
 
 
-_run_static = jax.jit(_run, static_argnames=("solver", "return_trajectory"))
-_run_traced = jax.jit(_run, static_argnames=("return_trajectory",))
+_run_static = jax.jit(_run, static_argnames=("solver", "return_trajectory", "return_state"))
+_run_traced = jax.jit(_run, static_argnames=("return_trajectory", "return_state"))
 
 
 def _has_leaves(solver):
@@ -70,22 +72,42 @@ def _check_dtype(x):
   return dtype
 
 
-def sample(solver, denoiser, schedule, grid, x_T, *, key=None, return_trajectory=False):
-  """Integrates from x_T along ``grid`` with ``solver`` (an object or a registered name).
-
-  Returns a ``Solution(x, nfe, trajectory)``. ``key`` is required by stochastic solvers; vmap this
-  function over keys (and x_T) for per-sample randomness.
-  """
+def _check_arguments(solver, grid, denoiser):
   if isinstance(solver, str):
     solver = base.get(solver)
   if not isinstance(grid, grids_lib.Grid):
     raise ValueError(f"grid must be a solvers.grids.Grid (build one with solvers.grids), got {type(grid).__name__}")
   if not hasattr(denoiser, "predict"):
     raise ValueError(f"denoiser must have a predict(kind, x, t, schedule) method, got {type(denoiser).__name__}")
-  dtype = _check_dtype(x_T)
+  return solver
+
+
+def _key(solver, key):
   if key is None:
     if solver.stochastic:
       raise ValueError(f"{type(solver).__name__} is stochastic: pass key=jax.random.key(seed)")
     key = jax.random.key(0)
+  return key
+
+
+def integrate(solver, denoiser, schedule, grid, start, *, key=None, return_trajectory=False):
+  """The loop from ``start`` (an array, or a solver-specific pytree such as an inversion latent) to the
+  end of ``grid``: returns ``(Solution, final_state)``, the state carrying what a sample alone does not
+  (the second latent of an exact-inversion pair). Same compiled driver as ``sample``."""
+  solver = _check_arguments(solver, grid, denoiser)
+  for leaf in jax.tree_util.tree_leaves(start):
+    _check_dtype(leaf)
   run = _run_traced if _has_leaves(solver) else _run_static
-  return run(solver, denoiser, schedule, grid, jnp.asarray(x_T, dtype), key, return_trajectory)
+  return run(solver, denoiser, schedule, grid, start, _key(solver, key), return_trajectory, True)
+
+
+def sample(solver, denoiser, schedule, grid, x_T, *, key=None, return_trajectory=False):
+  """Integrates from x_T along ``grid`` with ``solver`` (an object or a registered name).
+
+  Returns a ``Solution(x, nfe, trajectory)``. ``key`` is required by stochastic solvers; vmap this
+  function over keys (and x_T) for per-sample randomness.
+  """
+  solver = _check_arguments(solver, grid, denoiser)
+  dtype = _check_dtype(x_T)
+  run = _run_traced if _has_leaves(solver) else _run_static
+  return run(solver, denoiser, schedule, grid, jnp.asarray(x_T, dtype), _key(solver, key), return_trajectory)

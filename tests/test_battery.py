@@ -139,7 +139,10 @@ def test_one_compilation_counted_nfe_and_same_result_without_jit(name):
   assert loop.trace_count() == before
   with jax.disable_jit():  # the same 3 steps without padding: eager cost grows with the capacity
     eager = counted_run(denoiser, grids.uniform_logsnr(SCHEDULE, 3, capacity=4), x + 0.1, key=4)
-  np.testing.assert_allclose(eager.x, short.x, rtol=1e-12, atol=1e-12)
+  # BDIA-EDM's Heun predictor point cancels terms ~45x larger than itself on this 3-step grid, and its
+  # backward term cancels again, so the compiled (fused) and eager roundings differ by ~1e-12.
+  tolerance = 1e-10 if name == "bdia_edm" else 1e-12
+  np.testing.assert_allclose(eager.x, short.x, rtol=tolerance, atol=tolerance)
   assert int(eager.nfe) == int(short.nfe)
 
 
