@@ -83,10 +83,14 @@ class _PairSolver(base.Solver):
 class BDIA(_PairSolver):
   """BDIA-DDIM sampler; regenerates from a ``base.Latent`` pair. See the module docstring."""
   gamma: float = 0.5
-  order = 1
 
   def __post_init__(self):
     _check_gamma(self.gamma, inverse=False)
+
+  @property
+  def order(self):
+    """First order for gamma < 1 (the local error is (1 - gamma) times DDIM's); leapfrog at gamma = 1: second."""
+    return 2 if self.gamma == 1.0 else 1
 
   def coefficients(self, grid, schedule):
     (fx, fm), (bx, bm) = _ddim_map(grid, +1), _ddim_map(grid, -1)
@@ -172,10 +176,14 @@ def _cast_edm_rows(coeffs, x):
 class BDIAEDM(_PairSolver):
   """BDIA applied to EDM's Heun sampler; regenerates from a ``base.Latent`` pair. See the module docstring."""
   gamma: float = 0.5
-  order = 1
 
   def __post_init__(self):
     _check_gamma(self.gamma, inverse=False)
+
+  @property
+  def order(self):
+    """Heun's 2 at gamma = 0; first order otherwise (the backward Euler term is first order, even at gamma = 1)."""
+    return 2 if self.gamma == 0.0 else 1
 
   def coefficients(self, grid, schedule):
     i = jnp.arange(grid.capacity - 1)
