@@ -8,11 +8,13 @@ model call at t_i:
 Each line updates one sequence from the other only, so the step inverts exactly (``EDICTInversion``):
   y' = (y_{i+1} - (1 - p) x_{i+1}) / p,   x' = (x_{i+1} - (1 - p) y') / p,
   y = (y' - b eps_hat(x', t_i)) / a,       x = (x' - b eps_hat(y, t_i)) / a.
-With ``alternate=True`` (the official code's ``leapfrog_steps``, the default) x and y swap roles on odd
-sampling steps; the inversion mirrors this by the sampling step index. Two model calls per step, first
-order (DDIM-based). Defaults p = 0.93 (the paper's editing setting). The mixing matrix of one step has
-determinant p^2, so the inversion amplifies rounding by up to p^{-2N} (1.4e3 at N = 50, p = 0.93):
-higher p keeps the inversion stable (tests/test_edict.py and docs/inversion.md measure it).
+With ``alternate=True`` (the official code's ``leapfrog_steps``, the default) the two coupled updates swap
+roles on odd sampling steps (y first, from eps(x); then x from eps(y')); the mixing layer stays as written.
+The inversion mirrors this by the sampling step index (the official code counts from the inversion's end,
+which mirrors it only for an even number of steps). Two model calls per step, first
+order (DDIM-based). Default p = 0.93 (the paper's editing setting). Rounding in the inversion is damped by
+the mixing, not amplified: in float32 at 50 steps the round trip errs 1e-6..3e-6 at p = 0.93, 1e-4 at 0.97 and 2e-3 at p = 1
+(no mixing), measured in tests/test_edict.py and docs/inversion.md.
 The sample is x (y agrees with it to O(h)). The noise-form step needs alpha_i > 0 at every evaluated
 node: a flow-matching grid must start below t = 1.
 """
@@ -56,13 +58,13 @@ class EDICT(base.Solver):
     p = jnp.asarray(self.p, c["a"].dtype)
     t = grid.t[i]
     odd = self.alternate & (i % 2 == 1)
-    x, y = _swap(odd, state.x, state.partner)
-    x_mid = c["a"] * x + c["b"] * denoiser.predict("eps", y, t, schedule)
-    y_mid = c["a"] * y + c["b"] * denoiser.predict("eps", x_mid.astype(y.dtype), t, schedule)
-    x_new = p * x_mid + (1 - p) * y_mid
+    u, w = _swap(odd, state.x, state.partner)  # u is updated first, from eps(w)
+    u_mid = (c["a"] * u + c["b"] * denoiser.predict("eps", w, t, schedule)).astype(u.dtype)
+    w_mid = c["a"] * w + c["b"] * denoiser.predict("eps", u_mid, t, schedule)
+    x_mid, y_mid = _swap(odd, u_mid, w_mid.astype(u.dtype))
+    x_new = p * x_mid + (1 - p) * y_mid  # the mixing layer is the same on every step
     y_new = p * y_mid + (1 - p) * x_new
-    x_new, y_new = _swap(odd, x_new.astype(x.dtype), y_new.astype(x.dtype))
-    return state._replace(x=x_new, partner=y_new, nfe=state.nfe + 2)
+    return state._replace(x=x_new.astype(u.dtype), partner=y_new.astype(u.dtype), nfe=state.nfe + 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +92,13 @@ class EDICTInversion(base.Solver):
     p = jnp.asarray(self.p, c["a"].dtype)
     t = grid.t[i + 1]
     odd = self.alternate & ((grid.num_steps - 1 - i) % 2 == 1)
-    x_new, y_new = _swap(odd, state.x, state.partner)
-    y_mid = (y_new - (1 - p) * x_new) / p
-    x_mid = (x_new - (1 - p) * y_mid) / p
-    y = (y_mid - c["b"] * denoiser.predict("eps", x_mid.astype(x_new.dtype), t, schedule)) / c["a"]
-    x = (x_mid - c["b"] * denoiser.predict("eps", y.astype(x_new.dtype), t, schedule)) / c["a"]
-    x, y = _swap(odd, x.astype(state.x.dtype), y.astype(state.x.dtype))
+    dtype = state.x.dtype
+    y_mid = (state.partner - (1 - p) * state.x) / p
+    x_mid = (state.x - (1 - p) * y_mid) / p
+    u_mid, w_mid = _swap(odd, x_mid.astype(dtype), y_mid.astype(dtype))
+    w = ((w_mid - c["b"] * denoiser.predict("eps", u_mid, t, schedule)) / c["a"]).astype(dtype)
+    u = (u_mid - c["b"] * denoiser.predict("eps", w, t, schedule)) / c["a"]
+    x, y = _swap(odd, u.astype(dtype), w)
     return state._replace(x=x, partner=y, nfe=state.nfe + 2)
 
 
