@@ -387,6 +387,8 @@ def solver_family(name):
     return "PNDM / PLMS / momentum (HB, GHVB)"
   if tokens[0] in ("edm", "ts", "teleport"):
     return "EDM, time shift, teleportation"
+  if tokens[0] in ("bdia", "edict"):
+    return "exact inversion samplers (BDIA, EDICT)"
   if name in ("dpm_solver_v3", "dc_solver"):
     return "learned from the model (v3 EMS, DC ratios)"
   if tokens[0] == "dpm":
