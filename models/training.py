@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from solvers import schedules as schedules_lib
@@ -253,8 +254,8 @@ class TrainState:
 def init_state(params, tx, key):
   """A fresh TrainState: step 0, EMA = params, tx's initial state, and ``key`` (a typed key, raw uint32
   key data, or an int seed) kept as raw key data."""
-  if isinstance(key, int):
-    key = jax.random.key(key)
+  if isinstance(key, (int, np.integer)):
+    key = jax.random.key(int(key))
   elif not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
     key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
   params = jax.tree_util.tree_map(jnp.asarray, params)
