@@ -215,3 +215,31 @@ def test_bad_input():
   with pytest.raises(ValueError, match="dtype int32"):
     inversion.invert("ddim", denoiser, SCHEDULE, grid, jnp.ones((2, 6), jnp.int32))
   assert isinstance(latent, base.Latent) and latent.partner is None
+
+
+@pytest.fixture(scope="module")
+def trained_mlp():
+  """A small MLP trained for 300 steps on two moons (eps prediction, VP linear): errors are the network's."""
+  from models import data, mlp, nets, training
+  moons = data.load("two_moons", size=2048, seed=0)
+  module = mlp.MLP(hidden=64, depth=2)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros(()), None)["params"]
+  loss = training.DiffusionLoss(apply_fn=nets.ModuleApply(module), schedule=SCHEDULE, prediction="eps", time_label="t999")
+  tx, lr = training.make_optimizer(2e-3, warmup_steps=20)
+  state, step = training.init_state(params, tx, 0), training.make_train_step(loss, tx, lr, ema_decay=0.99)
+  for i in range(300):
+    state, metrics = step(state, data.batch(moons, i, 128, seed=0)[0], None)
+  return nets.denoiser(module, state.ema_params, prediction="eps", time_label="t999"), moons.x[:16], float(metrics["loss"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_round_trip_with_a_trained_network(trained_mlp, dtype):
+  """The same bounds with a trained MLP as the denoiser, and DDIM inversion far above them."""
+  denoiser, x0, loss = trained_mlp
+  assert loss < 0.9  # it learned something (the loss starts near 1)
+  grid = grids.uniform_logsnr(SCHEDULE, 50, t_end=1e-3, final="zero")
+  x0 = jnp.asarray(x0, dtype)
+  errors = {name: _relative(_round_trip(name, denoiser, grid, x0), x0) for name in ("ddim", "bdia", "bdia_edm", "edict")}
+  bound = 1e-10 if dtype == jnp.float64 else 1e-4
+  assert max(errors[name] for name in EXACT) < bound, errors
+  assert errors["ddim"] > 1e3 * max(errors[name] for name in EXACT), errors
