@@ -111,12 +111,14 @@ class GMM(_Oracle):
     eps = jnp.sum(w * (sigma * resid / var), -2)
     return x0, eps
 
-  def sample(self, key, n, alpha=1.0, sigma=0.0):
+  def sample(self, key, n, alpha=1.0, sigma=0.0, return_labels=False):
+    """n draws of the noised mixture; with ``return_labels`` also each draw's component (int32)."""
     k_comp, k_noise = jax.random.split(key)
     comp = jax.random.choice(k_comp, self.weights.shape[0], (n,), p=self.weights)
     z = jax.random.normal(k_noise, (n, self.means.shape[1]), self.means.dtype)
     std = jnp.broadcast_to(self.stds, self.means.shape)[comp]
-    return alpha * self.means[comp] + jnp.sqrt(alpha**2 * std**2 + sigma**2) * z
+    x = alpha * self.means[comp] + jnp.sqrt(alpha**2 * std**2 + sigma**2) * z
+    return (x, comp.astype(jnp.int32)) if return_labels else x
 
 
 def gaussian(dim=8, seed=0, dtype=None):

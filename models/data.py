@@ -114,13 +114,8 @@ def ring_gmm(num_components=8, std=0.1):
 
 @functools.partial(jax.jit, static_argnums=2)
 def analytic_gmm_sample(oracle, key, n):
-  """(x, component) for n draws of the ``analytic.GMM`` ``oracle`` (jitted, n static): x equals
-  ``oracle.sample(key, n)`` compiled, and the component is drawn exactly as that method draws it (from the
-  first half of ``split(key)``)."""
-  x = oracle.sample(key, n)
-  k_comp, _ = jax.random.split(key)
-  labels = jax.random.choice(k_comp, oracle.weights.shape[0], (n,), p=oracle.weights)
-  return x, labels.astype(jnp.int32)
+  """(x, component) for n draws of the ``analytic.GMM`` ``oracle``: x equals ``oracle.sample(key, n)``."""
+  return oracle.sample(key, n, return_labels=True)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
