@@ -1,6 +1,8 @@
-"""The main job: solver-order convergence study (RMSE vs NFE) on the analytic Gaussian and GMM.
+"""The main job: solver-order convergence study (RMSE vs NFE) on the analytic Gaussian and GMM, or on a
+trained network (--model: a training workdir; its reference is the diffrax solution of its PF-ODE).
 
   python -m experiments.convergence --workdir=/tmp/conv [--solvers=ddim,ddim_eps] [--nfe=5,10,20]
+  python -m experiments.convergence --workdir=/tmp/conv_toy --model=/tmp/toy2d --solvers=ddim,dpm_solver_pp_2m
 
 Outputs in --workdir: config.json, results.json, metrics.jsonl, table.txt, convergence.png.
 """
@@ -16,7 +18,11 @@ _SOLVERS = flags.DEFINE_list("solvers", None, "Comma list of registered solver n
                              "registered solver that is not stochastic.")
 _NFE = flags.DEFINE_list("nfe", [str(n) for n in _D.nfe_steps], "Comma list of step counts (integers >= 1) to "
                          "sweep; the NFE a solver actually uses is recorded and fitted.")
-_PROBLEMS = flags.DEFINE_list("problems", list(_D.problems), f"Comma list of problems, from {', '.join(lib.PROBLEMS)}.")
+_PROBLEMS = flags.DEFINE_list("problems", None, f"Comma list of problems, from {', '.join(lib.PROBLEMS + (lib.MODEL,))}; "
+                              f"default: {','.join(lib.PROBLEMS)}, or {lib.MODEL} with --model.")
+_MODEL = flags.DEFINE_string("model", None, f"A training workdir (python -m experiments.train): the network of the "
+                             f"problem '{lib.MODEL}'. Keep --batch small (8-16) for image models: the reference "
+                             "costs hundreds of network calls per sample.")
 _GRID = flags.DEFINE_enum("grid", _D.grid, sorted(grids.GRIDS), "Time grid builder of solvers.grids.")
 _FINAL = flags.DEFINE_enum("final", _D.final, list(grids.FINAL_POLICIES),
                            "Final-step policy: stop at t_end, or end with a jump to sigma = 0 ('zero').")
@@ -39,14 +45,15 @@ def _validator(check):
 
 
 flags.register_validator("nfe", _validator(lambda v: cli.numbers(v, "nfe", int, minimum=1)))
-flags.register_validator("problems", _validator(lambda v: lib.resolve_config({"problems": v or []})))
+flags.register_multi_flags_validator(
+    ["problems", "model"], _validator(lambda v: lib.resolve_config({"problems": v["problems"], "model": v["model"]})))
 flags.register_validator("solvers", _validator(lambda v: v is None or lib.resolve_config({"solvers": v})))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = lib.Config(problems=_PROBLEMS.value, solvers=_SOLVERS.value, nfe_steps=list(cli.numbers(_NFE.value, "nfe", int, minimum=1)),
+  config = lib.Config(problems=_PROBLEMS.value, model=_MODEL.value, solvers=_SOLVERS.value, nfe_steps=list(cli.numbers(_NFE.value, "nfe", int, minimum=1)),
                       grid=_GRID.value, final=_FINAL.value, batch=_BATCH.value, seed=_SEED.value,
                       prepare_seed=_PREPARE_SEED.value)
   lib.run(config, _WORKDIR.value)

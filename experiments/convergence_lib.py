@@ -1,13 +1,25 @@
-"""The solver-order convergence study: error against NFE for every deterministic solver on analytic problems.
+"""The solver-order convergence study: error against NFE for every deterministic solver on analytic problems
+and on a trained network.
 
 For each problem (the analytic Gaussian, whose PF-ODE is solved exactly by ``Gaussian.pf_ode_solution``,
-and the GMM, whose answer comes from ``solvers.reference.solve``), each deterministic registered solver
+the GMM, whose answer comes from ``solvers.reference.solve``, and 'model': the network of a training
+workdir, see below), each deterministic registered solver
 and each step count, a fixed-seed batch x_T drawn from the exact marginal at the grid's first node is
 integrated with ``solvers.sample`` in float64. Solvers that learn from the model first (``Solver.prepare``:
 DPM-Solver-v3 computes its statistics, DC-Solver searches its ratios for each grid) do so on their own
 training points (``prepare_seed``), and the time it takes is recorded as ``prepare_seconds``. The RMSE against the exact / reference answer, the NFE the
 solver actually used (``Solution.nfe``) and the wall time are recorded, and the empirical order is fitted
 as minus the least-squares slope of log(RMSE) against log(NFE).
+
+The problem 'model' (``Config.model``: a training workdir of ``experiments.train``) uses the trained network
+as the denoiser (final EMA params, unconditional: the null label of a class-conditional network), with its
+own schedule, prediction kind and time label (``sample_lib.load_model``); ``schedule``, ``t_start`` and
+``t_end`` do not apply to it. It runs over the schedule's whole interval [t_min, t_max], from starting noise
+x_T ~ N(0, sigma(t_max)^2 I) (N(0, I) for VP schedules, as ``experiments.sample`` draws it) of the data's
+shape, and its answer is the diffrax reference (``reference_rtol`` / ``reference_atol``), whose wall time
+is recorded as the problem's ``seconds``. The network runs in float64 (float32 weights promoted), so the
+errors are the solvers' own. Each x_T costs the reference hundreds of network calls: keep ``batch`` small
+(8-16) for image models.
 
 ``run(config, workdir)`` is the entry point for the absl main, colabs and tests. It writes, atomically:
 ``config.json`` (the resolved config), ``metrics.jsonl`` (one line per run, rewritten after each run),
@@ -30,13 +42,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-PROBLEMS = ("gaussian", "gmm")
+PROBLEMS = ("gaussian", "gmm")  # the analytic problems (the default)
+MODEL = "model"                  # the problem of a trained network (Config.model)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """The study's settings; every field has the default of the main job."""
-  problems: Sequence[str] = PROBLEMS
+  # Names from PROBLEMS and MODEL; None: PROBLEMS, or just MODEL when ``model`` is set.
+  problems: Optional[Sequence[str]] = None
+  model: Optional[str] = None          # a training workdir (experiments.train): the network of problem 'model'
   dim: int = 8
   # Registered solver names; None means every registered solver that is not stochastic.
   solvers: Optional[Sequence[str]] = None
@@ -102,13 +117,20 @@ def resolve_config(config=None):
   elif not isinstance(config, Config):
     raise ValueError(f"config must be a dict or a {Config.__name__}, got {type(config).__name__}")
 
-  problems = _as_list(config.problems, "problems")
+  if config.problems is None:
+    problems = [MODEL] if config.model else list(PROBLEMS)
+  else:
+    problems = _as_list(config.problems, "problems")
   if not problems:
-    raise ValueError("problems is empty; valid: " + ", ".join(PROBLEMS))
+    raise ValueError("problems is empty; valid: " + ", ".join(PROBLEMS + (MODEL,)))
   for p in problems:
-    if p not in PROBLEMS:
-      raise ValueError(f"problem {p!r} is unknown; valid: {', '.join(PROBLEMS)}")
+    if p not in PROBLEMS + (MODEL,):
+      raise ValueError(f"problem {p!r} is unknown; valid: {', '.join(PROBLEMS + (MODEL,))}")
   problems = list(dict.fromkeys(problems))
+  if MODEL in problems and not config.model:
+    raise ValueError(f"problem {MODEL!r} needs model=<a training workdir> (--model)")
+  if config.model and MODEL not in problems:
+    raise ValueError(f"model={config.model!r} is set but problems={problems} leaves out {MODEL!r}: add it")
 
   if config.solvers is None:
     names = [n for n in solvers.available() if not solvers.get(n).stochastic]
@@ -205,6 +227,19 @@ def _make_grid(grids, schedule, config, steps, capacity):
   return builder(schedule, steps, **kwargs)
 
 
+def _sweep(grids, schedule, config):
+  """(schedule, [grid per step count], start, end) of the sweep; every grid must share start and end."""
+  capacity = max(config.nfe_steps) + 1  # nodes of the largest grid, for either final policy
+  grid_list = [_make_grid(grids, schedule, config, n, capacity) for n in config.nfe_steps]
+  start, end = _endpoints(grid_list[0])
+  for n, g in zip(config.nfe_steps, grid_list):
+    s, e = _endpoints(g)
+    if not (np.allclose(s, start, rtol=1e-12, atol=0) and np.allclose(e, end, rtol=1e-12, atol=0)):
+      raise ValueError(f"grid {config.grid!r} with {n} steps spans {s[0]}..{e[0]}, unlike the {start[0]}..{end[0]} "
+                       "of the others: the sweep needs a common start and end")
+  return schedule, grid_list, start, end
+
+
 def _endpoints(grid):
   n = int(grid.num_steps)
   start = tuple(float(v[0]) for v in (grid.t, grid.alpha, grid.sigma))
@@ -212,25 +247,33 @@ def _endpoints(grid):
   return start, end
 
 
-def _problem(name, config, schedule, start, end):
-  """(denoiser, x_T, answer, answer_info) for one problem."""
+def _problem(name, config, schedule, start, end, model=None):
+  """(denoiser, x_T, answer, answer_info) for one problem; ``model`` (a ``sample_lib.Model``) for 'model'."""
   from models import analytic
   from solvers import reference
 
-  oracle = analytic.gaussian(dim=config.dim) if name == "gaussian" else analytic.gmm(dim=config.dim)
   (t0, a0, s0), (t1, a1, s1) = start, end
-  x_T = oracle.sample(jax.random.key(config.seed), config.batch, a0, s0)
-  denoiser = oracle.denoiser(schedule)
+  if name == MODEL:
+    from experiments import sample_lib
+    denoiser = sample_lib.denoiser(model)
+    x_T = sample_lib.prior(s0, (config.batch,) + model.shape, jax.random.key(config.seed), jnp.float64)
+    info = {"model": config.model, "params": model.source, "model_step": model.step,
+            "data_shape": list(model.shape), "x_T": "N(0, sigma(t_start)^2 I)"}
+  else:
+    oracle = analytic.gaussian(dim=config.dim) if name == "gaussian" else analytic.gmm(dim=config.dim)
+    x_T = oracle.sample(jax.random.key(config.seed), config.batch, a0, s0)
+    denoiser = oracle.denoiser(schedule)
+    info = {}
   started = time.perf_counter()
   if name == "gaussian":
     answer = oracle.pf_ode_solution(x_T, a0, s0, a1, s1)
-    info = {"answer": "exact (Gaussian.pf_ode_solution)"}
+    info.update(answer="exact (Gaussian.pf_ode_solution)")
   else:
     t_end = "zero" if s1 == 0.0 else t1
     answer = reference.solve(denoiser, schedule, x_T, t0, t_end,
                              rtol=config.reference_rtol, atol=config.reference_atol)
-    info = {"answer": "reference (solvers.reference.solve, diffrax)", "rtol": config.reference_rtol,
-            "atol": config.reference_atol}
+    info.update(answer="reference (solvers.reference.solve, diffrax)", rtol=config.reference_rtol,
+                atol=config.reference_atol)
   answer = jax.block_until_ready(answer)
   info.update(seconds=time.perf_counter() - started, t_start=t0, t_end=t1, sigma_end=s1)
   floor = config.error_floor if name == "gaussian" else max(
@@ -267,6 +310,10 @@ def run(config=None, workdir="workdir/convergence"):
   from solvers import grids, loop, schedules
 
   config = resolve_config(config)
+  model = None
+  if MODEL in config.problems:  # loaded (and a bad path refused) before anything is written
+    from experiments import sample_lib
+    model = sample_lib.load_model(config.model)
   os.makedirs(workdir, exist_ok=True)
   for stale in ("table.txt", "convergence.png"):  # outputs of an earlier run would not match this one
     if os.path.exists(os.path.join(workdir, stale)):
@@ -277,19 +324,14 @@ def run(config=None, workdir="workdir/convergence"):
   _write_atomic(workdir, "results.json", _json(results))
   study_start = time.perf_counter()
 
-  schedule = schedules.get(config.schedule)
-  capacity = max(config.nfe_steps) + 1  # nodes of the largest grid, for either final policy
-  grid_list = [_make_grid(grids, schedule, config, n, capacity) for n in config.nfe_steps]
-  start, end = _endpoints(grid_list[0])
-  for n, g in zip(config.nfe_steps, grid_list):
-    s, e = _endpoints(g)
-    if not (np.allclose(s, start, rtol=1e-12, atol=0) and np.allclose(e, end, rtol=1e-12, atol=0)):
-      raise ValueError(f"grid {config.grid!r} with {n} steps spans {s[0]}..{e[0]}, unlike the {start[0]}..{end[0]} "
-                       "of the others: the sweep needs a common start and end")
-
   metrics = []
   for problem in config.problems:
-    denoiser, x_T, answer, info = _problem(problem, config, schedule, start, end)
+    if problem == MODEL:  # the model's own schedule over its whole interval, as experiments.sample runs it
+      sweep = _sweep(grids, model.setup.schedule, dataclasses.replace(config, t_start=None, t_end=None))
+    else:
+      sweep = _sweep(grids, schedules.get(config.schedule), config)
+    schedule, grid_list, start, end = sweep
+    denoiser, x_T, answer, info = _problem(problem, config, schedule, start, end, model)
     logging.info("%s: answer in %.2fs (%s)", problem, info["seconds"], info["answer"])
     entry = dict(info, solvers={})
     results["problems"][problem] = entry

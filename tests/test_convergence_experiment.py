@@ -141,3 +141,71 @@ def test_absl_main(tmp_path):
 
   bad = subprocess.run(cmd[:3] + ["--nfe=4,0"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "--nfe" in bad.stderr and "0 must be >= 1" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# The problem 'model': a trained network (a tiny two-moons MLP, trained once for the module).
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+  from experiments import train_lib
+  from experiments.configs import toy2d
+  c = toy2d.get_config()
+  c.data.options.size = 2048
+  c.data.batch_size = 128
+  c.model.kwargs.hidden = 32
+  c.model.kwargs.depth = 1
+  c.optim.warmup_steps = 10
+  c.train.steps = c.train.log_every = c.train.checkpoint_every = 1000
+  workdir = str(tmp_path_factory.mktemp("train") / "toy")
+  assert train_lib.run(c, workdir)["status"] == "done"
+  return workdir
+
+
+def test_model_problem(toy_model, tmp_path):
+  config = {"model": toy_model, "solvers": ["ddim", "dpm_solver_pp_2m"], "nfe_steps": [5, 10, 20], "batch": 4}
+  results = convergence_lib.run(config, str(tmp_path))
+  assert results["config"]["problems"] == ["model"] and results["config"]["model"] == toy_model  # --model alone
+  entry = results["problems"]["model"]
+  assert list(results["problems"]) == ["model"]
+  # The reference: diffrax at the tight default tolerances, timed, over the model schedule's whole interval.
+  assert entry["answer"].startswith("reference") and entry["rtol"] == entry["atol"] == 1e-10
+  assert entry["seconds"] > 0 and entry["error_floor"] == 1e-8
+  schedule = schedules.VPLinear()  # the toy preset's
+  assert (entry["t_start"], entry["t_end"]) == (schedule.t_max, schedule.t_min)
+  assert entry["model"] == toy_model and entry["model_step"] == 1000 and entry["data_shape"] == [2]
+  for name in ("ddim", "dpm_solver_pp_2m"):
+    runs = entry["solvers"][name]["runs"]
+    assert [r["nfe"] for r in runs] == [5, 10, 20]
+    errors = [r["rmse"] for r in runs]
+    assert all(e is not None and 0 < e < 10 for e in errors), errors
+    assert errors[2] < 0.5 * errors[0], (name, errors)
+    assert entry["solvers"][name]["fitted_order"] > 0.5
+  ddim = [r["rmse"] for r in entry["solvers"]["ddim"]["runs"]]
+  assert ddim == sorted(ddim, reverse=True)
+  with open(tmp_path / "table.txt") as f:
+    assert f.read().count("model    ddim") == 3
+  with open(tmp_path / "convergence.png", "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+  assert [m["problem"] for m in _metrics(tmp_path / "metrics.jsonl")] == ["model"] * 6
+
+
+def test_model_problem_config_errors(toy_model, tmp_path):
+  out = tmp_path / "w"
+  with pytest.raises(ValueError, match="'model' needs model="):
+    convergence_lib.run({"problems": ["model"]}, str(out))
+  with pytest.raises(ValueError, match="leaves out 'model'"):
+    convergence_lib.run({"problems": ["gaussian"], "model": toy_model}, str(out))
+  missing = str(tmp_path / "no_such_run")
+  with pytest.raises(ValueError, match=f"{missing}.*does not exist"):
+    convergence_lib.run({"model": missing, "solvers": ["ddim"]}, str(out))
+  with pytest.raises(ValueError, match=f"{tmp_path} is not a training workdir"):
+    convergence_lib.run({"model": str(tmp_path), "solvers": ["ddim"]}, str(out))
+  assert not os.path.exists(out)  # validated (and the model loaded) before anything is written
+
+
+def test_absl_main_model_flag(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.convergence", f"--workdir={tmp_path / 'conv'}", "--problems=model"]
+  bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "needs model=" in bad.stderr and "--model" in bad.stderr
