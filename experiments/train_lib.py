@@ -255,6 +255,11 @@ class Setup:
         clip_norm=float(o["clip_norm"]))
     self.train_step = training.make_train_step(self.loss, self.tx, self.lr_fn, float(cfg["ema"]["decay"]),
                                                bool(cfg["ema"]["warmup"]))
+    if jax.device_count() > 1:  # data-parallel over every device: state replicated, batch sharded
+      from models import sharding
+      mesh = sharding.make_mesh()
+      sharding.check_batch_size(cfg["data"]["batch_size"], mesh)
+      self.train_step = sharding.make_sharded_train_step(self.train_step, mesh)
 
   def batch(self, step):
     """(x0 float32, labels int32 or None) of the 0-based step ``step``."""
@@ -357,7 +362,9 @@ def run(config, workdir):
   """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); see the module doc.
 
   Returns {"status": "done" | "preempted", "step", "start_step", "steps_per_sec" (of the steps after
-  the first of this process, which includes compilation; None with fewer than 2), "workdir"}.
+  the first of this process, which includes compilation; None with fewer than 2), "workdir", "devices"}.
+  With more than one device the step runs data-parallel over all of them (models.sharding: state
+  replicated, batch sharded; the batch size must divide the device count).
   The SIGTERM handler is installed from the start of the call (when called from the main thread): a
   SIGTERM during setup lets one step run, saves and returns.
   """
@@ -427,7 +434,8 @@ def _train(setup, state, workdir, flag):
   rate = None
   if first_done is not None and step > first_done[1]:
     rate = (step - first_done[1]) / (time.perf_counter() - first_done[0])
-  return {"status": status, "step": step, "start_step": start, "steps_per_sec": rate, "workdir": workdir}
+  return {"status": status, "step": step, "start_step": start, "steps_per_sec": rate, "workdir": workdir,
+          "devices": jax.device_count()}
 
 
 def load_config(workdir):

@@ -225,3 +225,24 @@ def test_fresh_start_only_without_a_checkpoint(tmp_path):
   os.makedirs(ckpts / "stray")
   with pytest.raises(ValueError, match=f"{ckpts} holds no complete checkpoint"):
     train_lib._checkpoint_dir(str(tmp_path))
+
+
+def test_training_on_eight_devices_is_data_parallel_and_matches_one_device(tmp_path):
+  """With more than one device, experiments.train shards the batch over all of them (state replicated):
+  8 simulated CPU devices in a subprocess end within float round-off of this 1-device process."""
+  overrides = ["--config.train.steps=20", "--config.train.checkpoint_every=10", "--config.train.log_every=10",
+               "--config.optim.warmup_steps=5", "--config.data.batch_size=64"]
+  config = os.path.join(REPO, "experiments", "configs", "toy2d.py")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  sharded = str(tmp_path / "sharded")
+  proc = subprocess.run([sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={sharded}",
+                         *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["devices"] == 8
+  single = str(tmp_path / "single")
+  cfg = train_lib.load_config(sharded)
+  assert train_lib.run(cfg, single)["status"] == "done"
+  a, b = train_lib.load_params(sharded)[1], train_lib.load_params(single)[1]
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
+  assert jax.device_count() == 1  # this process really is the single-device reference
