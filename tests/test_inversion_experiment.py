@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import inversion_lib
@@ -150,3 +151,143 @@ def test_absl_main(tmp_path):
 
   bad = subprocess.run(cmd[:3] + ["--gammas=0.9,1.2"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "--gammas: 1.2 must lie in (0, 1]" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# A trained network (--model): a tiny class-conditional digits U-Net trained for 20 steps once for the
+# module (~10 s). The exact methods round-trip any network, so a barely trained one is enough.
+
+MODEL_RUN = {"methods": ["ddim", "bdia", "edict"], "nfe_steps": [4, 8], "batch": 4, "guidance": [2.0],
+             "gammas": [0.96], "mixing": [0.93], "edit_steps": 8, "repeats": 1, "grid_images": 3,
+             "source_class": 3, "target_class": 8}
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+  from experiments import train_lib
+  from experiments.configs import digits
+  c = digits.get_config()
+  c.data.batch_size = 32
+  c.model.kwargs = {"channels": 8, "channel_mult": (1,), "num_res_blocks": 1, "attention_levels": (), "norm_groups": 4}
+  c.optim.warmup_steps = 2
+  c.train.steps = c.train.log_every = c.train.checkpoint_every = 20
+  workdir = str(tmp_path_factory.mktemp("train") / "digits")
+  assert train_lib.run(c, workdir)["status"] == "done"
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def model_run(digits_model, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("inversion_model") / "new_subdir"
+  return workdir, inversion_lib.run(dict(MODEL_RUN, model=digits_model), str(workdir))
+
+
+def test_model_round_trips(model_run, digits_model):
+  workdir, returned = model_run
+  assert sorted(os.listdir(workdir)) == ["config.json", "inversion.png", "inversion_grid.png", "results.json",
+                                         "table.txt"]
+  results = _read_json(workdir / "results.json")
+  assert results == returned and results["complete"] is True
+  config = _read_json(workdir / "config.json")
+  assert config == results["config"] and config["model"] == digits_model
+  # float32 by default for a network; its schedule over its whole interval, ending at sigma = 0.
+  assert config["dtypes"] == ["float32"] and config["schedule"] == "vp_linear" and config["t_start"] is None
+  assert config["dim"] is None and config["guidance"] == [2.0] and config["source_class"] == 3
+  assert inversion_lib.resolve_config(config).model == digits_model  # a recorded config resolves again
+  p = results["problem"]
+  assert (p["t_start"], p["sigma_end"], p["model_step"], p["num_classes"], p["data_shape"]) == (1.0, 0.0, 20, 10, [8, 8, 1])
+  from experiments import sample_lib
+  data = sample_lib.load_model(digits_model).setup.dataset
+  assert len(p["data_indices"]) == 4 and all(data.labels[i] == 3 for i in p["data_indices"])  # the source class
+  runs = {(r["method"], r["steps"]): r for r in results["runs"]}
+  assert set(runs) == {(m, n) for m in MODEL_RUN["methods"] for n in (4, 8)}
+  for n in (4, 8):
+    assert runs[("bdia", n)]["rel_error"] < 1e-4, runs[("bdia", n)]
+    # EDICT (like BDIA-EDM) amplifies float32 rounding more on a network than on the GMM (here ~3e-4; ~1e-12
+    # in float64); still far below the naive inversion's error.
+    assert runs[("edict", n)]["rel_error"] < 1e-3, runs[("edict", n)]
+    assert runs[("ddim", n)]["rel_error"] > 100 * max(runs[(m, n)]["rel_error"] for m in ("bdia", "edict"))
+  assert [s["compilations"] for s in results["series"]] == [2] * 3
+  edit = results["editing"]
+  assert (edit["dtype"], edit["steps"], edit["source_class"], edit["target_class"]) == ("float32", 8, 3, 8)
+  for r in edit["methods"]:
+    assert 0 <= r["to_target"] + r["in_source"] <= 1 and r["change"] > 0 and r["nfe_invert"] > 0
+  table = (workdir / "table.txt").read_text()
+  for text in ("digits training data: 4 examples of class 3", "== float32, guidance 2 ==", "edict p=0.93",
+               "regenerate guided to class 8", "g=2: to 8"):
+    assert text in table
+
+
+def test_model_image_grid(model_run, digits_model):
+  """inversion_grid.png: rows = the first grid_images originals, columns original | round trip per method |
+  edit per method, [-1, 1] -> [0, 1] pixel for pixel."""
+  import matplotlib.image
+  from experiments import sample_lib
+  workdir, results = model_run
+  assert (workdir / "inversion_grid.png").read_bytes().startswith(PNG_MAGIC)
+  png = matplotlib.image.imread(str(workdir / "inversion_grid.png"))
+  rows, cols = 3, 1 + 2 * 3
+  layout = inversion_lib.grid_layout(rows, cols, 8, 8, panels=1)
+  assert png.shape[:2] == (layout["height"], layout["width"])
+  scale = layout["scale"]
+  assert scale * 9 >= inversion_lib.GRID_TILE_PX
+  mosaic_h, mosaic_w = (rows * 9 + 1) * scale, (cols * 9 + 1) * scale
+  margin, header = inversion_lib.GRID_MARGIN, inversion_lib.GRID_HEADER
+  assert png.shape[1] / png.shape[0] == pytest.approx((mosaic_w + 2 * margin) / (header + mosaic_h + margin))
+  assert png.shape[1] > 1.5 * png.shape[0]  # 7 columns of 3 rows of square tiles, under a header
+  x0 = sample_lib.load_model(digits_model).setup.dataset.x[results["problem"]["data_indices"]]
+
+  def tile(r, c):  # the centre of each image pixel of tile (r, c), red channel
+    y = layout["tops"][0] + (1 + r * 9 + np.arange(8)) * scale + scale // 2
+    x = layout["left"] + (1 + c * 9 + np.arange(8)) * scale + scale // 2
+    return png[y[:, None], x[None, :], 0]
+
+  for r in range(rows):
+    expected = np.clip((x0[r, :, :, 0] + 1) / 2, 0, 1)
+    np.testing.assert_allclose(tile(r, 0), expected, atol=1.01 / 255)  # the original
+    np.testing.assert_allclose(tile(r, 2), expected, atol=1.01 / 255)  # bdia's round trip
+  assert np.max(np.abs(tile(0, 1) - tile(0, 0))) > 0.05  # ddim's round trip is visibly off
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"target_class": 10}, "target_class=10 is out of range: the model in .* has 10 classes"),
+    ({"source_class": 12, "target_class": 1}, "source_class=12 is out of range"),
+    ({"source_class": 8, "target_class": 8}, "must differ"),
+    ({"batch": 1000}, "batch=1000 is more than the 183 training examples of class 3"),
+])
+def test_model_bad_config_raises(digits_model, tmp_path, override, match):
+  with pytest.raises(ValueError, match=match):
+    inversion_lib.run(dict(MODEL_RUN, model=digits_model, **override), str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")  # checked against the model before anything is written
+
+
+def test_model_paths_and_unconditional_models(tmp_path):
+  from tests.test_sample_experiment import _toy_config, _untrained_workdir
+  out = tmp_path / "w"
+  missing = str(tmp_path / "no_such_run")
+  with pytest.raises(ValueError, match=f"{missing}.*does not exist"):
+    inversion_lib.run({"model": missing}, str(out))
+  with pytest.raises(ValueError, match="model=''"):
+    inversion_lib.run({"model": ""}, str(out))
+  uncond = _untrained_workdir(tmp_path / "uncond", _toy_config(conditional=False))
+  for flags in ({"source_class": 0}, {"target_class": 1}, {"guidance": [2.0]}):
+    with pytest.raises(ValueError, match=f"{next(iter(flags))}=.*unconditional"):
+      inversion_lib.run(dict(flags, model=uncond), str(out))
+  assert not os.path.exists(out)
+  # Without class flags it is studied as it is: no edit, and no image grid for 2-D data.
+  results = inversion_lib.run({"model": uncond, "methods": ["bdia"], "nfe_steps": [3], "batch": 4, "gammas": [0.96],
+                               "edit_steps": 2, "repeats": 1}, str(out))
+  assert results["config"]["guidance"] == [1.0] and results["config"]["source_class"] is None
+  assert results["editing"] is None and results["runs"][0]["rel_error"] < 1e-5
+  inversion_lib.resolve_config(results["config"])  # guidance [1]: the network itself, accepted again
+  assert sorted(os.listdir(out)) == ["config.json", "inversion.png", "results.json", "table.txt"]
+
+
+def test_model_absl_main(digits_model, tmp_path):
+  # Class flags beyond the GMM's range pass the flag checks with --model; the network's range is checked
+  # once it is loaded.
+  cmd = [sys.executable, "-m", "experiments.inversion", f"--workdir={tmp_path / 'inv'}", f"--model={digits_model}",
+         "--source_class=3", "--target_class=12"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "target_class=12 is out of range" in proc.stderr and "10 classes" in proc.stderr
+  assert not os.path.exists(tmp_path / "inv")
