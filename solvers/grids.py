@@ -277,7 +277,6 @@ GRIDS = {
     "uniform_t": uniform_t,
     "quadratic_t": quadratic_t,
     "logsnr": uniform_logsnr,
-    "uniform_logsnr": uniform_logsnr,  # the builder's own name, accepted too
     "karras": karras,
     "edm": edm,
 }

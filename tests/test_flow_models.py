@@ -109,7 +109,12 @@ def _run(solver, oracle, t_start, steps, final):
   return solvers.sample(solver, oracle.denoiser(FLOW, prediction="velocity"), FLOW, grid, x).x, exact
 
 
-@pytest.mark.parametrize("name", battery.FIXED_GRID)
+# EDICT's coupled steps amplify the x / y gap by alpha_{i+1} / alpha_i, which is huge from near-pure noise:
+# its coarsest point here is far off (0.11 vs 0.012), so the slope is pre-asymptotic; the battery checks its order.
+FLOW_ORDER = [name for name in battery.FIXED_GRID if name != "edict"]
+
+
+@pytest.mark.parametrize("name", FLOW_ORDER)
 def test_declared_order_on_the_flow_gaussian_from_pure_noise_where_possible(name):
   """The declared order to t_end; into t = 0 (x = x0) the last step is first order for most solvers, so its
   error has a floor: at most that floor (the exact x at t_end, denoised) plus twice the error at t_end."""
