@@ -101,6 +101,7 @@ class Solver:
   adaptive: bool = False
 
   def init(self, denoiser, schedule, grid, x, key):
+    """The state before the first step: ``x`` (the sample at the grid's first node), zero NFE and ``key``."""
     return State(x=x, nfe=jnp.zeros((), jnp.int32), key=key)
 
   @property

@@ -47,9 +47,11 @@ class Schedule:
   zero_sigma_t = None  # the time at which sigma = 0, where one exists
 
   def alpha(self, t):
+    """alpha(t), the data coefficient of x_t = alpha x0 + sigma eps."""
     return jnp.exp(self.log_alpha(t))
 
   def sigma(self, t):
+    """sigma(t), the noise coefficient of x_t = alpha x0 + sigma eps."""
     return jnp.exp(self.log_sigma(t))
 
   def lam(self, t):
@@ -61,6 +63,7 @@ class Schedule:
     return jnp.exp(-self.lam(t))
 
   def t_of_rho(self, rho):
+    """The time whose rho = sigma / alpha is ``rho``: t(lambda = -log rho)."""
     return self.t_of_lambda(-jnp.log(rho))
 
   def derivatives(self, t):
@@ -85,17 +88,22 @@ class VPLinear(Schedule):
   zero_sigma_t = 0.0
 
   def log_alpha(self, t):
+    """-(beta_max - beta_min) t^2 / 4 - beta_min t / 2."""
     return -0.25 * (self.beta_max - self.beta_min) * t**2 - 0.5 * self.beta_min * t
 
   def log_sigma(self, t):
+    """log sqrt(1 - alpha^2), without cancellation near alpha = 1."""
     return _vp_log_sigma(self.log_alpha(t))
 
   def t_of_lambda(self, lam):
+    """The inverse of lambda(t) in closed form (DPM-Solver App. D): with L = log(1 + e^{-2 lambda}),
+    t = 2 L / (sqrt(beta_min^2 + 2 (beta_max - beta_min) L) + beta_min)."""
     big_l = jax.nn.softplus(-2.0 * lam)  # = -2 log alpha
     b0, db = self.beta_min, self.beta_max - self.beta_min
     return 2.0 * big_l / (jnp.sqrt(b0**2 + 2.0 * db * big_l) + b0)
 
   def alpha_sigma_of_lambda(self, lam):
+    """(alpha, sigma) at half log-SNR lam: sqrt(sigmoid(2 lam)), sqrt(sigmoid(-2 lam)); exact at +-inf."""
     return _vp_alpha_sigma(lam)
 
 
@@ -114,16 +122,20 @@ class VPCosine(Schedule):
     return math.log(math.cos(self.s / (1.0 + self.s) * math.pi / 2.0))
 
   def log_alpha(self, t):
+    """log cos((t + s) / (1 + s) pi / 2) - log cos(s / (1 + s) pi / 2)."""
     return jnp.log(jnp.cos((t + self.s) / (1.0 + self.s) * math.pi / 2.0)) - self._log_alpha_0()
 
   def log_sigma(self, t):
+    """log sqrt(1 - alpha^2), without cancellation near alpha = 1."""
     return _vp_log_sigma(self.log_alpha(t))
 
   def t_of_lambda(self, lam):
+    """The inverse of lambda(t): log alpha = -log(1 + e^{-2 lambda}) / 2, then the arccos of the cosine law."""
     log_alpha = _vp_log_alpha_of_lambda(lam)
     return 2.0 * (1.0 + self.s) / math.pi * jnp.arccos(jnp.exp(log_alpha + self._log_alpha_0())) - self.s
 
   def alpha_sigma_of_lambda(self, lam):
+    """(alpha, sigma) at half log-SNR lam: sqrt(sigmoid(2 lam)), sqrt(sigmoid(-2 lam)); exact at +-inf."""
     return _vp_alpha_sigma(lam)
 
 
@@ -171,6 +183,7 @@ class DiscreteVP(Schedule):
 
   @classmethod
   def from_alphas_cumprod(cls, alphas_cumprod, interpolation="log_snr"):
+    """The schedule of a table alpha_bar_n = alpha_n^2 (diffusers' ``alphas_cumprod``), strictly decreasing in (0, 1)."""
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     if ac.ndim != 1 or ac.size < 2:
       raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {ac.shape}")
@@ -181,6 +194,7 @@ class DiscreteVP(Schedule):
 
   @classmethod
   def from_betas(cls, betas, interpolation="log_snr"):
+    """The schedule of DDPM betas in (0, 1): alpha_bar_n = prod_{k <= n} (1 - beta_k) (Ho et al. 2020, Eq. 4)."""
     betas = np.asarray(betas, dtype=np.float64)
     if np.any(betas <= 0) or np.any(betas >= 1):
       raise ValueError("betas must lie in (0, 1)")
@@ -194,36 +208,44 @@ class DiscreteVP(Schedule):
 
   @property
   def num_train_timesteps(self):
+    """N, the length of the table (training steps 0..N-1)."""
     return self.lam_table.shape[0]
 
   @property
   def t_min(self):
+    """0, the first training index."""
     return 0.0
 
   @property
   def t_max(self):
+    """N - 1, the last training index."""
     return float(self.num_train_timesteps - 1)
 
   @property
   def alphas_cumprod(self):
+    """alpha_bar at the integers, sigmoid(2 lambda) (diffusers' ``alphas_cumprod``)."""
     return jax.nn.sigmoid(2.0 * self.lam_table)
 
   def _index(self):
     return jnp.arange(self.num_train_timesteps, dtype=self.lam_table.dtype)
 
   def lam(self, t):
+    """lambda(t), piecewise linear in t (``log_snr``) or through log alpha linear in t (``log_alpha``)."""
     if self.interpolation == "log_snr":
       return jnp.interp(t, self._index(), self.lam_table)
     log_alpha = jnp.interp(t, self._index(), _vp_log_alpha_of_lambda(self.lam_table))
     return log_alpha - _vp_log_sigma(log_alpha)
 
   def log_alpha(self, t):
+    """log alpha = -log(1 + e^{-2 lambda(t)}) / 2."""
     return _vp_log_alpha_of_lambda(self.lam(t))
 
   def log_sigma(self, t):
+    """log sigma = -log(1 + e^{2 lambda(t)}) / 2."""
     return -0.5 * jax.nn.softplus(2.0 * self.lam(t))
 
   def t_of_lambda(self, lam):
+    """The inverse of ``lam``: interpolation of the table (constant beyond its ends)."""
     # lambda (and log alpha) decrease with the index: interpolate on the reversed tables.
     index = self._index()[::-1]
     if self.interpolation == "log_snr":
@@ -232,6 +254,7 @@ class DiscreteVP(Schedule):
     return jnp.interp(_vp_log_alpha_of_lambda(lam), table, index)
 
   def alpha_sigma_of_lambda(self, lam):
+    """(alpha, sigma) at half log-SNR lam: sqrt(sigmoid(2 lam)), sqrt(sigmoid(-2 lam)); exact at +-inf."""
     return _vp_alpha_sigma(lam)
 
   def to_dpm_time(self, t):
@@ -239,6 +262,7 @@ class DiscreteVP(Schedule):
     return (t + 1.0) / self.num_train_timesteps
 
   def from_dpm_time(self, t_dpm):
+    """DPM-Solver's continuous time t_dpm -> our index N t_dpm - 1 (the inverse of ``to_dpm_time``)."""
     return t_dpm * self.num_train_timesteps - 1.0
 
 
@@ -251,15 +275,19 @@ class VE(Schedule):
   t_max: float = static_field(default=1.0)
 
   def log_alpha(self, t):
+    """0 (alpha = 1)."""
     return jnp.zeros_like(jnp.asarray(t, table_dtype()))
 
   def log_sigma(self, t):
+    """log sigma_min + t log(sigma_max / sigma_min)."""
     return jnp.log(self.sigma_min) + t * (jnp.log(self.sigma_max) - jnp.log(self.sigma_min))
 
   def t_of_lambda(self, lam):
+    """(log sigma - log sigma_min) / log(sigma_max / sigma_min) with sigma = e^{-lambda}."""
     return (-lam - jnp.log(self.sigma_min)) / (jnp.log(self.sigma_max) - jnp.log(self.sigma_min))
 
   def alpha_sigma_of_lambda(self, lam):
+    """(1, e^{-lam})."""
     return jnp.ones_like(lam), jnp.exp(-lam)
 
 
@@ -271,15 +299,19 @@ class EDM(Schedule):
   zero_sigma_t = 0.0
 
   def log_alpha(self, t):
+    """0 (alpha = 1)."""
     return jnp.zeros_like(jnp.asarray(t, table_dtype()))
 
   def log_sigma(self, t):
+    """log t (sigma = t)."""
     return jnp.log(t)
 
   def t_of_lambda(self, lam):
+    """e^{-lambda} (t = sigma)."""
     return jnp.exp(-lam)
 
   def alpha_sigma_of_lambda(self, lam):
+    """(1, e^{-lam})."""
     return jnp.ones_like(lam), jnp.exp(-lam)
 
 
@@ -294,21 +326,27 @@ class Flow(Schedule):
   zero_sigma_t = 0.0
 
   def alpha(self, t):
+    """1 - t."""
     return 1.0 - t  # direct, so that derivatives stay finite at t = 1
 
   def sigma(self, t):
+    """t."""
     return t
 
   def log_alpha(self, t):
+    """log(1 - t)."""
     return jnp.log1p(-t)
 
   def log_sigma(self, t):
+    """log t."""
     return jnp.log(t)
 
   def t_of_lambda(self, lam):
+    """sigmoid(-lambda), the inverse of lambda = log((1 - t) / t)."""
     return jax.nn.sigmoid(-lam)
 
   def alpha_sigma_of_lambda(self, lam):
+    """(sigmoid(lam), sigmoid(-lam)); (1, 0) at lam = +inf."""
     return jax.nn.sigmoid(lam), jax.nn.sigmoid(-lam)
 
 
