@@ -53,6 +53,7 @@ def noise_weight(k, h):
 
 
 class MultistepState(NamedTuple):
+  """The state of the table-driven multistep / singlestep solvers (module docstring)."""
   x: jnp.ndarray       # the current point (where the model is evaluated next)
   anchor: jnp.ndarray  # the point the current step / stage group starts from
   hist: jnp.ndarray    # (history, *x.shape) model outputs, newest first
@@ -61,6 +62,7 @@ class MultistepState(NamedTuple):
 
 
 def init_state(x, history, key):
+  """A ``MultistepState`` at x with an empty (zero) buffer of ``history`` model outputs."""
   return MultistepState(x=x, anchor=x, hist=jnp.zeros((history,) + x.shape, x.dtype),
                         nfe=jnp.zeros((), jnp.int32), key=key)
 

@@ -30,6 +30,7 @@ MIN_CAPACITY = 64
 
 @pytree_dataclass
 class Grid:
+  """The nodes a sampler steps through, padded to a fixed capacity (module docstring); build with the builders."""
   t: jnp.ndarray       # (capacity,) times; past the last node, repeats of it
   alpha: jnp.ndarray
   sigma: jnp.ndarray
@@ -38,6 +39,7 @@ class Grid:
 
   @property
   def capacity(self):
+    """The padded number of nodes (static): one compilation serves every grid of this capacity."""
     return self.t.shape[0]
 
   def times(self):

@@ -27,6 +27,7 @@ def trace_count():
 
 
 class Solution(NamedTuple):
+  """What ``sample`` returns: the final sample, the model evaluations made, and optionally the trajectory."""
   x: jnp.ndarray                     # the final sample
   nfe: jnp.ndarray                   # model evaluations actually made
   trajectory: Optional[jnp.ndarray]  # (iterations + 1, *x.shape): x after every iteration; skipped ones repeat it

@@ -22,6 +22,7 @@ PREDICTION_KINDS = ("eps", "x0", "v", "score", "velocity")
 
 
 def check_kind(kind):
+  """Raises a ValueError unless ``kind`` is one of ``PREDICTION_KINDS``."""
   if kind not in PREDICTION_KINDS:
     raise ValueError(f"prediction kind {kind!r} is unknown; valid: {', '.join(PREDICTION_KINDS)}")
 
@@ -169,6 +170,7 @@ class Guided:
                        "a guided model, wrap the other way round: Thresholded(inner=Guided(...))")
 
   def predict(self, kind, x, t, schedule):
+    """The guided prediction of ``kind`` at (x, t): both network passes, combined in the network's own kind."""
     out_c = self.inner.replace(cond=self.cond).raw(x, t, schedule)
     out_u = self.inner.replace(cond=self.uncond).raw(x, t, schedule)
     out = out_u + self.scale * (out_c - out_u)
@@ -210,6 +212,7 @@ class Thresholded:
       raise ValueError(f"semantics={self.semantics!r} is unknown; valid: {', '.join(THRESHOLD_SEMANTICS)}")
 
   def predict(self, kind, x, t, schedule):
+    """The inner model's x0 at (x, t), thresholded, then converted to ``kind``."""
     x0 = dynamic_threshold(self.inner.predict("x0", x, t, schedule), self.ratio, self.max_val,
                            self.semantics, self.batch_ndim)
     return convert(x0, "x0", kind, x, t, schedule).astype(x.dtype)
