@@ -22,6 +22,7 @@ FORMS = ("x0", "eps")
 
 @dataclasses.dataclass(frozen=True)
 class DDIM(base.Solver):
+  """DDIM (Song et al. 2021, Eq. 12; eta of Eq. 16), first order: ``form`` 'x0' or 'eps', ``eta`` in [0, 1]."""
   form: str = "x0"
   eta: float = 0.0
   order = 1
@@ -34,9 +35,11 @@ class DDIM(base.Solver):
 
   @property
   def stochastic(self):
+    """Whether eta > 0 (then ``sample`` needs a key)."""
     return self.eta > 0
 
   def coefficients(self, grid, schedule):
+    """Per step: the weights of x_s ('x'), of the model output ('m') and of the noise ('z'), module docstring."""
     a_s, a_t = grid.alpha[:-1], grid.alpha[1:]
     s_s, s_t = grid.sigma[:-1], grid.sigma[1:]
     h = grid.lam[1:] - grid.lam[:-1]
@@ -52,6 +55,7 @@ class DDIM(base.Solver):
     return {"x": a_t / a_s, "m": m, "z": noise}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """One DDIM step from node i to i + 1: x' = c_x x + c_m m(x, t_i) (+ c_z z when eta > 0); one model call."""
     c = base.cast_coefficients(coeffs, state.x)
     m = denoiser.predict(self.form, state.x, grid.t[i], schedule)
     x = c["x"] * state.x + c["m"] * m

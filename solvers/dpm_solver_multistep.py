@@ -1,7 +1,8 @@
 """Multistep DPM-Solver (noise prediction) and DPM-Solver++ (data prediction), orders 1-3.
 
-Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
-Algorithm 2 (2M) and App. B (3M), and the multistep DPM-Solver of the same paper's Sec. 4. With
+Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+Sec. 4.2 and Algorithm 2 (2M); 3M and the noise-prediction multistep DPM-Solver as the official code
+(``algorithm_type`` 'dpmsolver++' / 'dpmsolver') and diffusers compute them (spec section 4.2). With
 h = lambda_{i+1} - lambda_i, r0 = h_{i-1} / h, r1 = h_{i-2} / h, m the model output (x0 for ++, eps
 otherwise), D1_0 = (m_i - m_{i-1}) / r0, D1_1 = (m_{i-1} - m_{i-2}) / r1:
   2M midpoint (official 'dpmsolver'):  x' = (sigma'/sigma) x + alpha' a1 (m_i + D1_0 / 2)
@@ -61,9 +62,11 @@ class MultistepRules:
   share: the history buffer, the per-step orders and the order-measurement configuration."""
 
   def for_order_measurement(self):
+    """This solver without lower-order final steps (``base.Solver.for_order_measurement``)."""
     return dataclasses.replace(self, lower_order_final=False)
 
   def init(self, denoiser, schedule, grid, x, key):
+    """A ``MultistepState`` with room for ``order`` model outputs."""
     return exponential.init_state(x, self.order, key)
 
   def step_orders(self, grid):
@@ -74,6 +77,12 @@ class MultistepRules:
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverMultistep(MultistepRules, base.Solver):
+  """Multistep DPM-Solver++ (``prediction='data'``; Lu et al. 2022b, Alg. 2 for 2M) and DPM-Solver (``'noise'``).
+
+  ``order`` 1-3, ``solver_type`` 'midpoint' / 'heun', ``third_order`` 'reference' / 'exact' (module docstring),
+  ``lower_order_final`` below ``lower_order_final_below`` steps (None: always), and dynamic thresholding of x0
+  (``thresholding``, ``threshold_ratio``, ``threshold_max_val``, ``threshold_semantics``: ``predictions.dynamic_threshold``).
+  """
   order: int = 2
   prediction: str = "data"
   solver_type: str = "midpoint"
@@ -97,6 +106,7 @@ class DPMSolverMultistep(MultistepRules, base.Solver):
     return 2 if self.order == 3 and self.third_order == "reference" else self.order
 
   def coefficients(self, grid, schedule):
+    """Table rows: anchor weight (sigma'/sigma or alpha'/alpha), history weights of each step's order, ``end`` = 1."""
     h = exponential.step_sizes(grid)
     a_s, a_t, s_s, s_t = grid.alpha[:-1], grid.alpha[1:], grid.sigma[:-1], grid.sigma[1:]
     orders = self.step_orders(grid)
@@ -118,6 +128,7 @@ class DPMSolverMultistep(MultistepRules, base.Solver):
     return {"anchor": a_t / a_s, "hist": hist, "end": jnp.ones_like(h)}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """One multistep step: evaluate m_i (x0 or eps), push it, combine with the table row (one model call)."""
     return exponential.prediction_table_step(self, denoiser, schedule, grid, coeffs, i, state)
 
 
