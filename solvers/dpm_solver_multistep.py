@@ -1,7 +1,7 @@
 """Multistep DPM-Solver (noise prediction) and DPM-Solver++ (data prediction), orders 1-3.
 
 Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
-Sec. 4.2 and Algorithm 2 (2M); 3M and the noise-prediction multistep DPM-Solver as the official code
+Algorithm 2 (2M); 3M and the noise-prediction multistep DPM-Solver as the official code
 (``algorithm_type`` 'dpmsolver++' / 'dpmsolver') and diffusers compute them (spec section 4.2). With
 h = lambda_{i+1} - lambda_i, r0 = h_{i-1} / h, r1 = h_{i-2} / h, m the model output (x0 for ++, eps
 otherwise), D1_0 = (m_i - m_{i-1}) / r0, D1_1 = (m_{i-1} - m_{i-2}) / r1:
