@@ -44,6 +44,7 @@ SOLVER_TYPES = singlestep.SOLVER_TYPES
 
 
 class AdaptiveState(NamedTuple):
+  """The adaptive solver's state: the accepted point, the step-size controller's memory and the finished flag."""
   x: jnp.ndarray        # the solution at t
   x_prev: jnp.ndarray   # the lower-order solution of the last accepted step (x_T at first)
   lam: jnp.ndarray      # lambda at t (scalar, the compute dtype)
@@ -72,6 +73,9 @@ def error_norm(x_high, x_low, x_prev, rtol, atol):
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverAdaptive(base.Solver):
+  """DPM-Solver-12 (``order=2``) / -23 (``order=3``) with the paper's step-size control (module docstring);
+  ``prediction`` 'noise' (DPM-Solver) or 'data' (DPM-Solver++), tolerances ``rtol`` / ``atol``, first step ``h_init``
+  (in lambda), safety factor ``theta``, end tolerance ``t_err``, and the static budget ``max_attempts``."""
   order: int = 3
   prediction: str = "noise"
   solver_type: str = "midpoint"
@@ -107,9 +111,11 @@ class DPMSolverAdaptive(base.Solver):
     return jnp.logical_not(state.done)
 
   def coefficients(self, grid, schedule):
+    """No table: the step sizes are chosen on the fly."""
     return {}  # nothing depends on the grid alone: the step sizes are chosen on the fly
 
   def init(self, denoiser, schedule, grid, x, key):
+    """The state at the grid's first node with the first attempt's step ``h_init``."""
     dtype = base.compute_dtype(x)
     return AdaptiveState(x=x, x_prev=x, lam=grid.lam[0].astype(dtype), t=grid.t[0].astype(dtype),
                          h=jnp.asarray(self.h_init, dtype), done=jnp.zeros((), bool),
@@ -126,6 +132,8 @@ class DPMSolverAdaptive(base.Solver):
     return (a_t / a_s) * x - s_t * combo
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """One attempt: the lower- and higher-order solutions, the error norm, accept or reject, the next h
+    (``order`` model calls, counted whether accepted or not)."""
     dtype = base.compute_dtype(state.x)
     kind = "x0" if self.prediction == "data" else "eps"
     end, zero = _end_node(grid)

@@ -140,6 +140,8 @@ def phi_weights(prediction, h):
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverSinglestep(base.Solver):
+  """Singlestep DPM-Solver-k (``prediction='noise'``; Lu et al. 2022a, Alg. 1-2) and DPM-Solver++(kS) (``'data'``;
+  Lu et al. 2022b, Alg. 1 for 2S), k = ``order`` 1-3, stage groups laid out by ``schedule`` (module docstring)."""
   order: int = 2
   prediction: str = "data"
   solver_type: str = "midpoint"
@@ -156,6 +158,7 @@ class DPMSolverSinglestep(base.Solver):
                               ("threshold_semantics", predictions.THRESHOLD_SEMANTICS)))
 
   def for_order_measurement(self):
+    """This solver with the ``'max_order'`` group schedule (the fewest lower-order groups)."""
     return dataclasses.replace(self, schedule="max_order")
 
   @property
@@ -167,6 +170,7 @@ class DPMSolverSinglestep(base.Solver):
     return self.order == 3 and self.prediction == "data" and self.solver_type == "midpoint"
 
   def init(self, denoiser, schedule, grid, x, key):
+    """A ``MultistepState`` whose buffer holds the current group's ``order`` stage outputs."""
     return exponential.init_state(x, self.order, key)
 
   def stages(self, grid):
@@ -176,6 +180,7 @@ class DPMSolverSinglestep(base.Solver):
     return stage_arrays(orders, n)
 
   def coefficients(self, grid, schedule):
+    """One table row per model evaluation: anchor = the group start, weights of the group's outputs so far."""
     start, stage, k = self.stages(grid)
     length, last = start.shape[0], grid.capacity - 1
     lam, alpha, sigma = grid.lam, grid.alpha, grid.sigma
@@ -204,6 +209,7 @@ class DPMSolverSinglestep(base.Solver):
             "end": jnp.where(valid, (stage == k - 1).astype(h_t.dtype), 1.0)}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """One stage: evaluate m at node i, then the next stage point (or the group's end) from the row."""
     return exponential.prediction_table_step(self, denoiser, schedule, grid, coeffs, i, state)
 
 
