@@ -144,6 +144,7 @@ class DEISMultistep(base.Solver):
 
   @property
   def order(self):
+    """ab_order + 1: a degree-r polynomial extrapolation of eps gives order r + 1."""
     return self.ab_order + 1
 
   def degrees(self, grid):
@@ -154,6 +155,7 @@ class DEISMultistep(base.Solver):
     return degree
 
   def coefficients(self, grid, schedule):
+    """Table rows: anchor alpha_{i+1} / alpha_i and the history weights C_ij (module docstring)."""
     hist = self._rho_ab_weights(grid) if self.method == "rho_ab" else self.t_ab_weights(schedule, grid)
     return {"anchor": grid.alpha[1:] / grid.alpha[:-1], "hist": hist, "end": jnp.ones_like(grid.alpha[1:])}
 
@@ -177,9 +179,11 @@ class DEISMultistep(base.Solver):
                               self.ab_order)
 
   def init(self, denoiser, schedule, grid, x, key):
+    """A ``MultistepState`` with room for ab_order + 1 eps outputs."""
     return exponential.init_state(x, self.ab_order + 1, key)
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """x_{i+1} = (alpha_{i+1} / alpha_i) x_i + sum_j C_ij eps_{i-j}: one model call."""
     return exponential.table_step(denoiser, schedule, grid, "eps", coeffs, i, state)
 
 
@@ -228,10 +232,12 @@ class DEISRungeKutta(base.Solver):
 
   @property
   def order(self):
+    """The tableau's classical order (the digit of its name)."""
     return RK_ORDERS[self.rk_method]
 
   @property
   def stages(self):
+    """Model calls per step: the tableau's number of stages."""
     return len(TABLEAUS[self.rk_method][1])
 
   def coefficients(self, grid, schedule):
@@ -254,6 +260,7 @@ class DEISRungeKutta(base.Solver):
             "b": grid.alpha[1:, None] * drho[:, None] * b}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """One Runge-Kutta step in (v, rho), written in x (class docstring): ``stages`` model calls."""
     c = base.cast_coefficients({k: v for k, v in coeffs.items() if k != "t"}, state.x)
     x = state.x
     ks = []

@@ -80,6 +80,7 @@ _KINDS = {
 
 
 class PNDMState(NamedTuple):
+  """The state of PNDM / PLMS: the evaluation point, the step's start, kept eps outputs and the RK4 accumulator."""
   x: jnp.ndarray       # where the model is evaluated next
   anchor: jnp.ndarray  # the start of the current step
   hist: jnp.ndarray    # (kept, *x.shape) kept model outputs (one per step), newest first
@@ -90,6 +91,8 @@ class PNDMState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class PNDM(base.Solver):
+  """S-PNDM, F-PNDM (Liu et al. 2022; the transfer part is their Eq. 9) and PLMS: ``method`` 's_pndm' / 'f_pndm' / 'plms',
+  ``midpoint`` 't' / 'diffusers', ``combine`` 'eps' / 'v' (module docstring). One loop iteration per model call."""
   method: str = "f_pndm"
   midpoint: str = "t"
   combine: str = "eps"
@@ -144,6 +147,7 @@ class PNDM(base.Solver):
     return t_start - half, t_end + half
 
   def coefficients(self, grid, schedule):
+    """One row per iteration: where the model is evaluated, the transfer's weights and the combination's."""
     if self.midpoint == "diffusers" and not isinstance(schedule, schedules.DiscreteVP):
       raise ValueError(f"midpoint='diffusers' (integer half steps) needs a DiscreteVP schedule, got "
                        f"{type(schedule).__name__}; use midpoint='t'")
@@ -172,12 +176,14 @@ class PNDM(base.Solver):
             "push": table["push"], "end": end}
 
   def init(self, denoiser, schedule, grid, x, key):
+    """A ``PNDMState`` with room for the kept outputs (1 for S-PNDM, 3 otherwise) and, for F-PNDM, the RK sum."""
     kept = 1 if self.method == "s_pndm" else _HISTORY
     stages = 1 if self.method == "f_pndm" else 0
     return PNDMState(x=x, anchor=x, hist=jnp.zeros((kept,) + x.shape, x.dtype),
                      acc=jnp.zeros((stages,) + x.shape, x.dtype), nfe=jnp.zeros((), jnp.int32), key=key)
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """One model call: combine it with the kept outputs / RK sum (gradient part), then transfer from the anchor."""
     c = base.cast_coefficients({k: v for k, v in coeffs.items() if k != "t"}, state.x)
     m = denoiser.predict(self.combine, state.x, coeffs["t"], schedule)
     x = c["anchor"] * state.anchor + c["new"] * m

@@ -73,6 +73,12 @@ def _solve(r, g, p, corrector):
 
 @dataclasses.dataclass(frozen=True)
 class UniPC(base.Solver):
+  """UniP-p predictor with the UniC corrector (Zhao et al. 2023, Alg. 1-3; module docstring).
+
+  ``order`` p = 1-3 of the predictor, ``variant`` B(h) 'bh1' / 'bh2', ``prediction`` 'data' / 'noise',
+  ``corrector`` (UniC on), ``disable_corrector`` (steps left uncorrected), ``lower_order_final`` below
+  ``lower_order_final_below`` steps (None: always), ``predictor`` (another multistep solver's rows instead of UniP).
+  """
   order: int = 2
   variant: str = "bh2"
   prediction: str = "data"
@@ -108,6 +114,7 @@ class UniPC(base.Solver):
     return dataclasses.replace(self, lower_order_final=False, predictor=predictor)
 
   def init(self, denoiser, schedule, grid, x, key):
+    """A ``MultistepState`` with room for order + 1 outputs (the corrector also needs the new one)."""
     return exponential.init_state(x, self.order + 1, key)
 
   def step_orders(self, grid):
@@ -168,6 +175,7 @@ class UniPC(base.Solver):
     return jnp.where(on, 0.0, 1.0), jnp.where(on, anchor, 0.0), jnp.where(on[:, None], weights, 0.0)
 
   def coefficients(self, grid, schedule):
+    """Per iteration i: the UniC rows of step i - 1 -> i and the predictor rows of step i -> i + 1."""
     h = exponential.step_sizes(grid)
     if self.predictor is None:
       orders = self.step_orders(grid)
@@ -182,6 +190,7 @@ class UniPC(base.Solver):
             "corr_hist": corr_hist}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """Evaluate m_i at the predicted x_i, correct x_i (UniC), predict x_{i+1} (UniP): one model call."""
     c = base.cast_coefficients(coeffs, state.x)
     kind = "x0" if self.prediction == "data" else "eps"
     m = denoiser.predict(kind, state.x, grid.t[i], schedule)
