@@ -86,6 +86,7 @@ class DCSolver(base.Solver):
 
   @property
   def order(self):
+    """The wrapped solver's order."""
     return self.inner.order
 
   @property
@@ -96,20 +97,24 @@ class DCSolver(base.Solver):
 
   @property
   def superconverges_on_linear_problems(self):
+    """The wrapped solver's (``base.Solver``)."""
     return self.inner.superconverges_on_linear_problems
 
   def for_order_measurement(self):
+    """This solver around the wrapped solver's order-measurement configuration."""
     return dataclasses.replace(self, inner=self.inner.for_order_measurement())
 
   def _history(self, inner_history):
     return max(inner_history, self.dc_order + 1)
 
   def init(self, denoiser, schedule, grid, x, key):
+    """The wrapped solver's state, its history buffer widened to dc_order + 1 outputs."""
     state = self.inner.init(denoiser, schedule, grid, x, key)
     extra = self._history(state.hist.shape[0]) - state.hist.shape[0]
     return state._replace(hist=jnp.pad(state.hist, ((0, extra),) + ((0, 0),) * x.ndim))
 
   def coefficients(self, grid, schedule):
+    """The wrapped solver's rows (widened) and the compensation's Lagrange weights (``lagrange_weights``)."""
     rows = self.inner.coefficients(grid, schedule)
     length = grid.capacity - 1
     if self.ratios is None:

@@ -63,6 +63,10 @@ def derivative_weights(offsets, pseudo):
 
 @pytree_dataclass
 class DPMSolverV3(base.Solver):
+  """DPM-Solver-v3 (Zheng et al. 2023; module docstring) with the statistics ``ems`` (None: degenerated EMS).
+
+  ``order`` 1-3, ``p_pseudo`` / ``c_pseudo`` (pseudo-order predictor / corrector), ``use_corrector``,
+  ``lower_order_final`` and ``half`` (correct only the noisier half) as the official sampler's options."""
   ems: EMS = None
   order: int = static_field(default=3)
   p_pseudo: bool = static_field(default=False)
@@ -88,6 +92,7 @@ class DPMSolverV3(base.Solver):
     return 2 if pseudo_predictor or pseudo_corrector else self.order
 
   def for_order_measurement(self):
+    """This solver without lower-order final steps."""
     return self.replace(lower_order_final=False)
 
   def prepare(self, denoiser, schedule, grid, x_T, key, *, num_nodes=120, num_samples=256):
@@ -101,13 +106,17 @@ class DPMSolverV3(base.Solver):
                                             t_end=t_end))
 
   def init(self, denoiser, schedule, grid, x, key):
+    """A ``MultistepState`` with room for order + 1 values of f (the corrector also needs the new one)."""
     return exponential.init_state(x, self.order + 1, key)
 
   def step_orders(self, grid):
+    """The predictor's order per step: warm-up, lower-order final steps, first order into sigma = 0."""
     return multistep_orders(grid.num_steps, grid.capacity - 1, self.order, self.lower_order_final, None,
                             grid.sigma[1:] == 0)
 
   def coefficients(self, grid, schedule):
+    """Per-dimension table rows: f from eps and x, the corrector's and the predictor's weights and constants
+    (the EMS integrals of Eq. 8-9 at the grid's lambdas)."""
     ems = self.ems
     lift = lambda a: a.reshape(a.shape + (1,) * ems.event_ndim)
     finite = jnp.isfinite(grid.lam)
@@ -192,6 +201,7 @@ class DPMSolverV3(base.Solver):
             "corr_const": jnp.where(on, exponential.previous(corr_const, 1, 0.0), 0.0)}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """Evaluate eps at x_i, push f_i, correct x_i (step i - 1 -> i), predict x_{i+1}: one model call."""
     c = base.cast_coefficients(coeffs, state.x)
     eps = denoiser.predict("eps", state.x, grid.t[i], schedule)
     hist = jnp.concatenate([(c["f_eps"] * eps + c["f_x"] * state.x)[None], state.hist[:-1]])

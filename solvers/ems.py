@@ -56,6 +56,7 @@ def _lift(a, ndim):
 
 @pytree_dataclass
 class EMS:
+  """Empirical model statistics l, s, b (per dimension) on increasing lambda nodes (module docstring)."""
   lam: jnp.ndarray  # (K + 1,) strictly increasing lambda nodes
   l: jnp.ndarray    # (K + 1, *event_shape)
   s: jnp.ndarray
@@ -69,6 +70,7 @@ class EMS:
 
   @property
   def event_ndim(self):
+    """The number of per-dimension axes of l, s, b (0 for statistics shared by every dimension)."""
     return self.l.ndim - 1
 
   def _locate(self, lam):
