@@ -45,6 +45,7 @@ CHURN_SETTINGS = {
 
 
 class EDMState(NamedTuple):
+  """The EDM sampler's state: the current point, the step's start x_hat and the last slope."""
   x: jnp.ndarray       # after a predictor: the Euler point; after a corrector: the step's result
   anchor: jnp.ndarray  # x_hat, where the current step starts (after the churn)
   slope: jnp.ndarray   # the last model output eps_hat
@@ -72,10 +73,12 @@ class EDM(base.Solver):
 
   @property
   def order(self):
+    """2 for Heun, 1 for Euler."""
     return 2 if self.method == "heun" else 1
 
   @property
   def stochastic(self):
+    """Whether S_churn > 0 (Algorithm 2; then ``sample`` needs a key)."""
     return self.S_churn > 0
 
   @property
@@ -119,6 +122,7 @@ class EDM(base.Solver):
     return {k: jnp.stack([predictor[k], corrector[k]], axis=1).reshape(-1) for k in predictor}
 
   def init(self, denoiser, schedule, grid, x, key):
+    """An ``EDMState`` at x."""
     return EDMState(x=x, anchor=x, slope=jnp.zeros_like(x), nfe=jnp.zeros((), jnp.int32), key=key)
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):

@@ -92,6 +92,7 @@ def warm_up_weights(length, order, beta):
 
 
 class GHVBState(NamedTuple):
+  """GHVB's state: the current point and the last ``order`` averaged outputs v."""
   x: jnp.ndarray           # the current point
   velocities: jnp.ndarray  # (order, *x.shape) v_n, v_{n-1}, ..., newest first
   nfe: jnp.ndarray
@@ -100,6 +101,7 @@ class GHVBState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class GHVB(base.Solver):
+  """Generalized heavy ball of order k = ``order`` (1-4) with momentum ``beta`` in (0, 1] (module docstring)."""
   order: int = 4
   beta: float = 0.8
 
@@ -119,10 +121,12 @@ class GHVB(base.Solver):
     return min(self.order, 2)
 
   def init(self, denoiser, schedule, grid, x, key):
+    """A ``GHVBState`` at x with no velocities yet."""
     return GHVBState(x=x, velocities=jnp.zeros((self.order,) + x.shape, x.dtype), nfe=jnp.zeros((), jnp.int32),
                      key=key)
 
   def coefficients(self, grid, schedule):
+    """Per step: the DDIM transfer, the weights of C_k^beta (warm-up order) times the transfer, and the EMA's."""
     length = grid.capacity - 1
     anchor, transfer, _ = exponential.first_order_weights(grid.alpha[:-1], grid.sigma[:-1], grid.alpha[1:],
                                                           grid.sigma[1:], exponential.step_sizes(grid), data=False)
@@ -131,6 +135,7 @@ class GHVB(base.Solver):
     return {"anchor": anchor, "velocities": transfer[:, None] * weights, "keep": keep, "new": new}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """f_n = eps(x_n), v_n = (1 - beta) v_{n-1} + beta f_n, x_{n+1} = DDIM transfer of C_k^beta(v): one model call."""
     c = base.cast_coefficients(coeffs, state.x)
     eps = denoiser.predict("eps", state.x, grid.t[i], schedule)
     velocity = (c["keep"] * state.velocities[0] + c["new"] * eps).astype(state.x.dtype)

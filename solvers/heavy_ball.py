@@ -30,6 +30,7 @@ from solvers import base, dpm_solver_multistep, exponential, ghvb
 
 
 class HeavyBallState(NamedTuple):
+  """The heavy-ball state: the current point, the average v and the raw outputs the base method combines."""
   x: jnp.ndarray         # the current point
   velocity: jnp.ndarray  # v_{n-1}, the heavy-ball average of the effective outputs
   outputs: jnp.ndarray   # (history, *x.shape) raw model outputs, newest first
@@ -38,6 +39,7 @@ class HeavyBallState(NamedTuple):
 
 
 def init_state(x, history, key):
+  """A ``HeavyBallState`` at x with v = 0 and room for ``history`` outputs."""
   return HeavyBallState(x=x, velocity=jnp.zeros_like(x), outputs=jnp.zeros((history,) + x.shape, x.dtype),
                         nfe=jnp.zeros((), jnp.int32), key=key)
 
@@ -57,6 +59,7 @@ def heavy_ball_step(kind, denoiser, schedule, grid, coeffs, i, state):
 
 @dataclasses.dataclass(frozen=True)
 class PLMSHeavyBall(base.Solver):
+  """PLMS (pseudo AB of order ``order``) with heavy-ball momentum ``beta`` (module docstring)."""
   order: int = 4
   beta: float = 0.8
 
@@ -76,9 +79,11 @@ class PLMSHeavyBall(base.Solver):
     return min(self.order, 2) if self.beta == 1 else 1
 
   def init(self, denoiser, schedule, grid, x, key):
+    """A ``HeavyBallState`` with room for ``order`` eps outputs."""
     return init_state(x, self.order, key)
 
   def coefficients(self, grid, schedule):
+    """Per step: the DDIM transfer, the AB_k weights (warm-up order) and the EMA's weights."""
     length = grid.capacity - 1
     anchor, transfer, _ = exponential.first_order_weights(grid.alpha[:-1], grid.sigma[:-1], grid.alpha[1:],
                                                           grid.sigma[1:], exponential.step_sizes(grid), data=False)
@@ -87,11 +92,14 @@ class PLMSHeavyBall(base.Solver):
     return {"anchor": anchor, "transfer": transfer, "outputs": weights, "keep": keep, "new": new}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """``heavy_ball_step`` on eps: one model call."""
     return heavy_ball_step("eps", denoiser, schedule, grid, coeffs, i, state)
 
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverPPHeavyBall(base.Solver):
+  """DPM-Solver++(2M) with heavy-ball momentum ``beta`` (module docstring); lower-order final steps as
+  ``DPMSolverMultistep``."""
   beta: float = 0.8
   lower_order_final: bool = True
   lower_order_final_below: Optional[int] = 10
@@ -106,12 +114,15 @@ class DPMSolverPPHeavyBall(base.Solver):
     return 2 if self.beta == 1 else 1
 
   def for_order_measurement(self):
+    """This solver without lower-order final steps."""
     return dataclasses.replace(self, lower_order_final=False)
 
   def init(self, denoiser, schedule, grid, x, key):
+    """A ``HeavyBallState`` with room for two x0 outputs."""
     return init_state(x, 2, key)
 
   def coefficients(self, grid, schedule):
+    """Per step: the first-order data-form weights, the 2M combination D_n and the EMA's weights."""
     h = exponential.step_sizes(grid)
     anchor, transfer, _ = exponential.first_order_weights(grid.alpha[:-1], grid.sigma[:-1], grid.alpha[1:],
                                                           grid.sigma[1:], h, data=True)
@@ -126,6 +137,7 @@ class DPMSolverPPHeavyBall(base.Solver):
     return {"anchor": anchor, "transfer": transfer, "outputs": weights, "keep": keep, "new": new}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """``heavy_ball_step`` on x0: one model call."""
     return heavy_ball_step("x0", denoiser, schedule, grid, coeffs, i, state)
 
 
