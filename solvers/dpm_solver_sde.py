@@ -31,6 +31,8 @@ from solvers.dpm_solver_multistep import SOLVER_TYPES, MultistepRules, differenc
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverSDE(MultistepRules, base.Solver):
+  """SDE-DPM-Solver++ of ``order`` 1 or 2 (2M), ``solver_type`` 'midpoint' / 'heun', noise scale ``s_noise``;
+  lower-order final steps as ``DPMSolverMultistep`` (module docstring)."""
   order: int = 2
   solver_type: str = "midpoint"
   lower_order_final: bool = True
@@ -46,6 +48,7 @@ class DPMSolverSDE(MultistepRules, base.Solver):
       raise ValueError(f"s_noise={self.s_noise!r} must be >= 0")
 
   def coefficients(self, grid, schedule):
+    """Table rows of the drift part (weights at 2h) and the noise scale s_noise sigma_t sqrt(1 - e^{-2h})."""
     h = exponential.step_sizes(grid)
     a_t, s_s, s_t = grid.alpha[1:], grid.sigma[:-1], grid.sigma[1:]
     d1_0 = difference_weights(h, self.order)[0]
@@ -58,6 +61,7 @@ class DPMSolverSDE(MultistepRules, base.Solver):
             "z": self.s_noise * s_t * jnp.sqrt(-jnp.expm1(-2.0 * h))}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """The table step on x0, plus the step's Gaussian noise from ``base.noise(key, x, i)``: one model call."""
     state = exponential.table_step(denoiser, schedule, grid, "x0", coeffs, i, state)
     x = state.x + base.cast_coefficients(coeffs["z"], state.x) * base.noise(state.key, state.x, i)
     x = x.astype(state.x.dtype)

@@ -19,10 +19,12 @@ from solvers import base
 
 @dataclasses.dataclass(frozen=True)
 class EulerMaruyama(base.Solver):
+  """Euler-Maruyama on the reverse SDE of any schedule (module docstring); weak order 1, needs a key."""
   order = 1
   stochastic = True
 
   def coefficients(self, grid, schedule):
+    """Per step: the weights of x, eps and z (drift and diffusion at the step's start; the jump into sigma = 0)."""
     t_s, t_t = grid.t[:-1], grid.t[1:]
     a_s, s_s, s_t = grid.alpha[:-1], grid.sigma[:-1], grid.sigma[1:]
     dalpha, dsigma = schedule.derivatives(t_s)
@@ -38,6 +40,7 @@ class EulerMaruyama(base.Solver):
             "z": jnp.where(into_zero, 0.0, sde_z)}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """x' = c_x x + c_eps eps(x, t_i) + c_z z: one model call."""
     c = base.cast_coefficients(coeffs, state.x)
     eps = denoiser.predict("eps", state.x, grid.t[i], schedule)
     x = c["x"] * state.x + c["eps"] * eps

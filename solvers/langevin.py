@@ -39,6 +39,8 @@ STEP_SIZES = ("ald", "snr", "snr_batch")
 
 @dataclasses.dataclass(frozen=True)
 class LangevinCorrector(base.Solver):
+  """``n_steps`` Langevin moves at each node before ``predictor``'s step (Song et al. 2021, Alg. 4-5):
+  signal-to-noise ratio ``snr``, step-size rule ``step_size`` ('ald', 'snr', 'snr_batch'; module docstring)."""
   predictor: Any = EulerMaruyama()
   snr: float = 0.16
   n_steps: int = 1
@@ -63,9 +65,11 @@ class LangevinCorrector(base.Solver):
     return self.predictor.active(grid, i, state)
 
   def init(self, denoiser, schedule, grid, x, key):
+    """The predictor's state."""
     return self.predictor.init(denoiser, schedule, grid, x, key)
 
   def coefficients(self, grid, schedule):
+    """The predictor's table (the moves need none)."""
     return self.predictor.coefficients(grid, schedule)
 
   def _step(self, score, z, sigma):
@@ -80,6 +84,7 @@ class LangevinCorrector(base.Solver):
     return 2.0 * (self.snr * z_norm / s_norm) ** 2
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """The Langevin moves at (x, t_i), then the predictor's step i: n_steps more model calls than the predictor."""
     x = state.x.astype(base.compute_dtype(state.x))
     for j in range(self.n_steps):
       score = denoiser.predict("score", x, grid.t[i], schedule)

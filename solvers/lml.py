@@ -108,6 +108,7 @@ def lml_move(x, score, outputs, damping, step, z, zeta, kappa=1.0):
 
 
 class LMLState(NamedTuple):
+  """LML's state: the wrapped solver's state and the outputs of the previous moves (the low-rank factor's)."""
   x: jnp.ndarray
   nfe: jnp.ndarray
   key: Any
@@ -166,11 +167,13 @@ class LML(base.Solver):
     return self.predictor.active(grid, i, state.inner)
 
   def init(self, denoiser, schedule, grid, x, key):
+    """The wrapped solver's state and an empty (zero) buffer of rank - 1 earlier outputs."""
     inner = self.predictor.init(denoiser, schedule, grid, x, key)
     outputs = jnp.zeros((max(self.rank - 1, 0),) + x.shape, x.dtype)
     return LMLState(x=inner.x, nfe=inner.nfe, key=key, inner=inner, outputs=outputs)
 
   def coefficients(self, grid, schedule):
+    """The predictor's table (the moves need none)."""
     return self.predictor.coefficients(grid, schedule)
 
   def acts(self, grid, i):
@@ -196,6 +199,7 @@ class LML(base.Solver):
     return x, nfe + self.n_steps, outputs, eps, before
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """The LML moves (L4) at node i when ``acts``, then the predictor's step i (with ``reuse``: on the held output)."""
     inner = state.inner._replace(x=state.x, nfe=state.nfe)
 
     def predict(inner, x, nfe, den):
