@@ -1,4 +1,5 @@
 """Command-line helpers shared by the experiment scripts."""
+import dataclasses
 
 
 def numbers(values, flag, kind, minimum=None, exclusive=False):
@@ -17,3 +18,19 @@ def numbers(values, flag, kind, minimum=None, exclusive=False):
   if not out:
     raise ValueError(f"--{flag} is empty: list at least one")
   return tuple(out)
+
+
+def dataclass_config(config_class, config):
+  """``config`` as an instance of the frozen dataclass ``config_class``: None gives the defaults, a dict
+  overrides them (an unknown key raises ValueError listing the valid ones), an instance passes through."""
+  if config is None:
+    return config_class()
+  if isinstance(config, dict):
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+      raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(names))}")
+    return config_class(**config)
+  if not isinstance(config, config_class):
+    raise ValueError(f"config must be a dict or a {config_class.__name__}, got {type(config).__name__}")
+  return config

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from experiments import cli
+
 PROBLEMS = ("gaussian", "gmm")  # the analytic problems (the default)
 MODEL = "model"                  # the problem of a trained network (Config.model)
 
@@ -106,16 +108,7 @@ def resolve_config(config=None):
   import solvers
   from solvers import grids, schedules
 
-  if config is None:
-    config = Config()
-  elif isinstance(config, dict):
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(config) - names)
-    if unknown:
-      raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(names))}")
-    config = Config(**config)
-  elif not isinstance(config, Config):
-    raise ValueError(f"config must be a dict or a {Config.__name__}, got {type(config).__name__}")
+  config = cli.dataclass_config(Config, config)
 
   if config.problems is None:
     problems = [MODEL] if config.model else list(PROBLEMS)

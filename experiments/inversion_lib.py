@@ -134,16 +134,7 @@ def resolve_config(config=None):
   """A validated ``Config`` from a Config, a dict of overrides or None; bad values raise ValueError."""
   from solvers import grids, inversion, schedules
 
-  if config is None:
-    config = Config()
-  elif isinstance(config, dict):
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(config) - names)
-    if unknown:
-      raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(names))}")
-    config = Config(**config)
-  elif not isinstance(config, Config):
-    raise ValueError(f"config must be a dict or a {Config.__name__}, got {type(config).__name__}")
+  config = cli.dataclass_config(Config, config)
 
   methods = list(dict.fromkeys(_as_list(config.methods, "methods")))
   if not methods:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments.convergence_lib import _check_int, _json, _write_atomic
 
 CHECKPOINTS = ("params", "latest")
@@ -149,14 +150,7 @@ def resolve_config(config):
   import solvers
   from solvers import grids
 
-  if isinstance(config, dict):
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(config) - names)
-    if unknown:
-      raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(names))}")
-    config = Config(**config)
-  elif not isinstance(config, Config):
-    raise ValueError(f"config must be a dict or a {Config.__name__}, got {type(config).__name__}")
+  config = cli.dataclass_config(Config, config)
   if not config.model:
     raise ValueError("model is required: the --workdir of a training run (python -m experiments.train)")
   solvers.get(config.solver)  # raises a ValueError listing the names
