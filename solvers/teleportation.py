@@ -1,4 +1,4 @@
-"""Analytical teleportation (Wang & Vastola, "The Unreasonable Effectiveness of Gaussian Score Approximation for
+"""Analytical teleportation (Wang & Vastola 2025, "The Unreasonable Effectiveness of Gaussian Score Approximation for
 Diffusion Models and its Applications", TMLR 2025, arXiv 2412.09726, Sec. 3 and Sec. 6 "hybrid sampling").
 
 At high noise the learned score is close to that of the Gaussian N(mu, Sigma) with the data's mean and covariance,
@@ -99,25 +99,32 @@ class Teleport(base.Solver):
 
   @property
   def order(self):
+    """The inner solver's order."""
     return self.inner.order
 
   @property
   def declared_order(self):
+    """The inner solver's. A skip > 0 adds the Gaussian approximation's error over the jumped range, which does not
+    shrink with the step count (exact only for Gaussian data); the registered solver has skip = 0."""
     return self.inner.declared_order
 
   @property
   def stochastic(self):
+    """Whether the inner solver draws noise."""
     return self.inner.stochastic
 
   @property
   def adaptive(self):
+    """Whether the inner solver chooses its own steps."""
     return self.inner.adaptive
 
   @property
   def superconverges_on_linear_problems(self):
+    """The inner solver's (``base.Solver``)."""
     return self.inner.superconverges_on_linear_problems
 
   def for_order_measurement(self):
+    """This wrapper around the inner solver's order-measurement configuration."""
     return dataclasses.replace(self, inner=self.inner.for_order_measurement())
 
   def skipped_steps(self, grid):
@@ -138,6 +145,7 @@ class Teleport(base.Solver):
     return self.inner.active(self.remaining_grid(grid), i, state)
 
   def init(self, denoiser, schedule, grid, x, key):
+    """The closed-form jump of x to node k (no model call), then the inner solver's state on the remaining grid."""
     if self.moments is not None:
       k = self.skipped_steps(grid)
       jumped = self.moments.pf_ode_solution(x, grid.alpha[0], grid.sigma[0], grid.alpha[k], grid.sigma[k])
@@ -145,9 +153,11 @@ class Teleport(base.Solver):
     return self.inner.init(denoiser, schedule, self.remaining_grid(grid), x, key)
 
   def coefficients(self, grid, schedule):
+    """The inner solver's table on the remaining grid."""
     return self.inner.coefficients(self.remaining_grid(grid), schedule)
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """The inner solver's step i on the remaining grid."""
     return self.inner.step(denoiser, schedule, self.remaining_grid(grid), coeffs, i, state)
 
 

@@ -1,5 +1,6 @@
-"""Time-shift sampling against exposure bias (Li, van der Schaar et al., ICLR 2024, "Alleviating Exposure Bias in
-Diffusion Models through Sampling with Shifted Time Steps", Sec. 4 and Algorithm 1-2; TS-DDIM / TS-DPM).
+"""Time-shift sampling against exposure bias (Li, Qu, Yao, Sun & Moens 2024, "Alleviating Exposure Bias in
+Diffusion Models through Sampling with Shifted Time Steps", ICLR, arXiv 2305.15583, Sec. 4 and Algorithm 1-2;
+TS-DDIM / TS-DPM).
 
 At step i (not the first, and only while t_i > ``cutoff``) the model is evaluated at the time t_s whose noise level
 matches the sample's variance instead of at the scheduled t_i (Sec. 4.2, variance matching):
@@ -67,10 +68,12 @@ class TimeShift(base.Solver):
 
   @property
   def order(self):
+    """The wrapped solver's order."""
     return self.inner.order
 
   @property
   def stochastic(self):
+    """Whether the wrapped solver draws noise."""
     return self.inner.stochastic
 
   @property
@@ -80,12 +83,15 @@ class TimeShift(base.Solver):
 
   @property
   def superconverges_on_linear_problems(self):
+    """The wrapped solver's, without a window (``base.Solver``)."""
     return self.inner.superconverges_on_linear_problems and self.window == 0
 
   def for_order_measurement(self):
+    """This wrapper around the wrapped solver's order-measurement configuration."""
     return dataclasses.replace(self, inner=self.inner.for_order_measurement())
 
   def init(self, denoiser, schedule, grid, x, key):
+    """The wrapped solver's state."""
     return self.inner.init(denoiser, schedule, grid, x, key)
 
   def candidate_times(self, grid, schedule):
@@ -97,11 +103,13 @@ class TimeShift(base.Solver):
     return jnp.where(shifts[:, None], times, t_now[:, None])
 
   def coefficients(self, grid, schedule):
+    """The wrapped solver's table, the candidate times per step and the marginal variance at each."""
     times = self.candidate_times(grid, schedule)
     variance = schedule.alpha(times) ** 2 * self.data_variance + schedule.sigma(times) ** 2
     return {"inner": self.inner.coefficients(grid, schedule), "times": times, "variance": variance}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """The wrapped step with the model evaluated at each sample's variance-matched time: one model call."""
     if self.window == 0:
       return self.inner.step(denoiser, schedule, grid, coeffs["inner"], i, state)
     x = state.x
