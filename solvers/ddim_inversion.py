@@ -34,11 +34,13 @@ class DDIMInversion(base.Solver):
     base.check_options(self, (("alignment", ALIGNMENTS),))
 
   def coefficients(self, grid, schedule):
+    """Per step: the noise-form DDIM weights of x and eps, and the time the model is evaluated at (alignment)."""
     x, m, _ = exponential.first_order_rows(grid, data=False)
     model_t = grid.t[1:] if self.alignment == "sampling" else grid.t[:-1]
     return {"x": x, "m": m, "t": model_t}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """One inversion step toward the noise end: one model call."""
     c = base.cast_coefficients({"x": coeffs["x"], "m": coeffs["m"]}, state.x)
     eps = denoiser.predict("eps", state.x, coeffs["t"], schedule)
     x = c["x"] * state.x + c["m"] * eps

@@ -25,6 +25,7 @@ from solvers import base, exponential
 
 
 class InversionState(NamedTuple):
+  """The inversion's state: the current point and the previous step's data prediction."""
   x: jnp.ndarray
   previous: jnp.ndarray  # the data prediction of the previous step
   nfe: jnp.ndarray
@@ -37,9 +38,11 @@ class DPMSolverPPInversion(base.Solver):
   order = 2
 
   def init(self, denoiser, schedule, grid, x, key):
+    """An ``InversionState`` at x (the data) with no history."""
     return InversionState(x=x, previous=jnp.zeros_like(x), nfe=jnp.zeros((), jnp.int32), key=key)
 
   def coefficients(self, grid, schedule):
+    """Per step: the weights of x, of the new and of the previous data prediction, and the model's time."""
     a_s, s_s, a_t, s_t = grid.alpha[:-1], grid.sigma[:-1], grid.alpha[1:], grid.sigma[1:]
     h = exponential.step_sizes(grid)
     from_zero = s_s == 0
@@ -56,6 +59,7 @@ class DPMSolverPPInversion(base.Solver):
             "t": jnp.where(from_zero, grid.t[1:], grid.t[:-1])}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """One DPM-Solver++(2M) step on the reversed grid: one model call."""
     c = base.cast_coefficients({k: coeffs[k] for k in ("x", "previous", "new")}, state.x)
     x0 = denoiser.predict("x0", state.x, coeffs["t"], schedule)
     x = c["x"] * state.x + c["previous"] * state.previous + c["new"] * x0
