@@ -22,6 +22,7 @@ from solvers.pytree import pytree_dataclass
 
 
 class _Oracle:
+  """What both oracles share: the denoiser wrapper and eps / x0 from ``x0_eps``."""
 
   def denoiser(self, schedule, prediction="eps"):
     """This oracle as a Denoiser predicting ``prediction``, time label t."""
@@ -29,12 +30,15 @@ class _Oracle:
                     prediction=prediction, time_label="t")
 
   def conditioned(self, cond):
+    """This oracle under the condition ``cond``; an unconditional oracle raises a ValueError."""
     raise ValueError(f"{type(self).__name__} has no conditioning; cond must be None, got {cond!r}")
 
   def eps(self, x, alpha, sigma):
+    """E[eps | x_t = x] at noise level (alpha, sigma)."""
     return self.x0_eps(x, alpha, sigma)[1]
 
   def x0(self, x, alpha, sigma):
+    """E[x0 | x_t = x] at noise level (alpha, sigma) (the ideal denoiser)."""
     return self.x0_eps(x, alpha, sigma)[0]
 
 
@@ -55,10 +59,12 @@ class _OracleApply:
 
 @pytree_dataclass
 class Gaussian(_Oracle):
+  """Gaussian data x0 ~ N(mean, diag(std^2)): exact denoiser and exact PF-ODE (module docstring)."""
   mean: jnp.ndarray  # (D,)
   std: jnp.ndarray   # (D,)
 
   def marginal_std(self, alpha, sigma):
+    """The per-dimension std of x_t = alpha x0 + sigma eps: sqrt(alpha^2 std^2 + sigma^2)."""
     return jnp.sqrt(alpha**2 * self.std**2 + sigma**2)
 
   def x0_eps(self, x, alpha, sigma):
@@ -80,6 +86,8 @@ class Gaussian(_Oracle):
 
 @pytree_dataclass
 class GMM(_Oracle):
+  """Gaussian mixture data with diagonal components: exact posterior mean, class-conditional through
+  ``cond`` weights (module docstring)."""
   weights: jnp.ndarray  # (K,), summing to one
   means: jnp.ndarray    # (K, D)
   stds: jnp.ndarray     # (K, D) or (K, 1)

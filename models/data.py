@@ -57,6 +57,7 @@ class Dataset(NamedTuple):
 
   @property
   def num_examples(self):
+    """N, the number of examples."""
     return self.x.shape[0]
 
 

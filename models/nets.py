@@ -59,6 +59,7 @@ EMBEDDINGS = ("sinusoidal", "fourier")
 
 
 def check_embedding(kind):
+  """Raises a ValueError unless ``kind`` is one of ``EMBEDDINGS``."""
   if kind not in EMBEDDINGS:
     raise ValueError(f"embedding {kind!r} is unknown; valid: {', '.join(EMBEDDINGS)}")
 

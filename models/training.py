@@ -91,6 +91,7 @@ class DiffusionLoss:
 
   @property
   def conditional(self):
+    """Whether the network takes class labels (num_classes > 0)."""
     return bool(self.num_classes)
 
   def _discrete(self):
