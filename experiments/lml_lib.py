@@ -34,6 +34,7 @@ from solvers import grids, lml, schedules
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  """The sweep's settings: base solvers, target NFEs, LML dampings / ranks / kappa / snr, the GMM and the metrics."""
   solvers: Tuple[str, ...] = ("dpm_solver_pp_2m", "ddim")
   nfe: Tuple[int, ...] = (5, 10, 20)
   dampings: Tuple[float, ...] = (0.3, 3.0, 30.0, math.inf)
@@ -120,6 +121,8 @@ def _time(fn, repeats):
 
 
 def run(config=None, workdir="workdir/lml"):
+  """Runs the sweep of ``config`` (default ``Config()``) and writes config.json, results.json and table.txt into
+  ``workdir`` atomically; returns the results dict (rows, best per solver and NFE, cost, sw2_floor)."""
   config = config or Config()
   os.makedirs(workdir, exist_ok=True)
   cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
@@ -194,6 +197,7 @@ def _best(rows):
 
 
 def table(results):
+  """The text table of ``run``'s results (every row, the best per solver and NFE, the cost lines)."""
   lines = [f"GMM (dim from config), sliced W2 to exact data samples (floor between two exact sets: "
            f"{results['sw2_floor']:.4f}); nll_gap = mean -log p_data - that of exact samples", ""]
   lines.append(f"{'solver':<18} {'variant':<44} {'NFE':>4} {'steps':>5} {'sw2':>8} {'nll_gap':>8}")

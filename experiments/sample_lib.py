@@ -75,6 +75,7 @@ class Model(NamedTuple):
 
   @property
   def num_classes(self):
+    """The network's number of classes (0: unconditional)."""
     return self.setup.num_classes
 
   @property

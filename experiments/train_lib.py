@@ -269,6 +269,7 @@ class Setup:
     return x, (jnp.asarray(labels, jnp.int32) if self.num_classes else None)
 
   def init_params(self):
+    """The network's initial params from the config's seed (a batch of one zero example)."""
     key = jax.random.fold_in(jax.random.key(self.cfg["seed"]), 0)
     x = jnp.zeros((1,) + tuple(self.dataset.shape), jnp.float32)
     cond = jnp.zeros((1,), jnp.int32) if self.num_classes else None
@@ -284,6 +285,7 @@ class Setup:
     return jax.jit(self._init_state)()
 
   def abstract_state(self):
+    """The shapes and dtypes of the step-0 train state (``jax.eval_shape``), for restoring a checkpoint."""
     return jax.eval_shape(self._init_state)
 
 
