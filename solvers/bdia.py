@@ -71,8 +71,13 @@ def _pair_init(x, key, start):
   return base.PairState(x=start, partner=start, nfe=zero, key=key, start=zero)
 
 
-class _PairSolver(base.Solver):
-  """Shared by BDIA's samplers: the pair state and the skipped first step when starting from a pair."""
+@dataclasses.dataclass(frozen=True)
+class _BDIASampler(base.Solver):
+  """Shared by BDIA's samplers: gamma, the pair state and the skipped first step when starting from a pair."""
+  gamma: float = 0.5
+
+  def __post_init__(self):
+    _check_gamma(self.gamma, inverse=False)
 
   def init(self, denoiser, schedule, grid, x, key):
     return _pair_init(x, key, x)
@@ -82,12 +87,8 @@ class _PairSolver(base.Solver):
 
 
 @dataclasses.dataclass(frozen=True)
-class BDIA(_PairSolver):
+class BDIA(_BDIASampler):
   """BDIA-DDIM sampler; regenerates from a ``base.Latent`` pair. See the module docstring."""
-  gamma: float = 0.5
-
-  def __post_init__(self):
-    _check_gamma(self.gamma, inverse=False)
 
   @property
   def order(self):
@@ -175,12 +176,8 @@ def _cast_edm_rows(coeffs, x):
 
 
 @dataclasses.dataclass(frozen=True)
-class BDIAEDM(_PairSolver):
+class BDIAEDM(_BDIASampler):
   """BDIA applied to EDM's Heun sampler; regenerates from a ``base.Latent`` pair. See the module docstring."""
-  gamma: float = 0.5
-
-  def __post_init__(self):
-    _check_gamma(self.gamma, inverse=False)
 
   @property
   def order(self):

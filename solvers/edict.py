@@ -36,8 +36,9 @@ def _swap(odd, x, y):
 
 
 @dataclasses.dataclass(frozen=True)
-class EDICT(base.Solver):
-  """EDICT sampler; regenerates from a ``base.Latent`` pair (x_T, y_T). See the module docstring."""
+class _EDICTPair(base.Solver):
+  """Shared by EDICT's sampler and inverse: the mixing p, the alternation, and the pair state (x, y), which
+  starts from a ``base.Latent`` (x_T, y_T) or from x twice."""
   p: float = 0.93
   alternate: bool = True
   order = 1
@@ -49,6 +50,11 @@ class EDICT(base.Solver):
     zero = jnp.zeros((), jnp.int32)
     x, y = (x.x, x.partner) if isinstance(x, base.Latent) else (x, x)
     return base.PairState(x=x, partner=y, nfe=zero, key=key, start=zero)
+
+
+@dataclasses.dataclass(frozen=True)
+class EDICT(_EDICTPair):
+  """EDICT sampler; regenerates from a ``base.Latent`` pair (x_T, y_T). See the module docstring."""
 
   def coefficients(self, grid, schedule):
     a, b, _ = exponential.first_order_rows(grid, data=False)
@@ -69,18 +75,8 @@ class EDICT(base.Solver):
 
 
 @dataclasses.dataclass(frozen=True)
-class EDICTInversion(base.Solver):
+class EDICTInversion(_EDICTPair):
   """The exact inverse of ``EDICT`` on the reversed grid (``grids.reverse``)."""
-  p: float = 0.93
-  alternate: bool = True
-  order = 1
-
-  def __post_init__(self):
-    _check_mixing(self.p)
-
-  def init(self, denoiser, schedule, grid, x, key):
-    zero = jnp.zeros((), jnp.int32)
-    return base.PairState(x=x, partner=x, nfe=zero, key=key, start=zero)
 
   def coefficients(self, grid, schedule):
     # Row j undoes the sampling step from node j + 1 to node j of the reversed grid.
