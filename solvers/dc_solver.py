@@ -1,7 +1,8 @@
-"""DC-Solver: dynamic compensation of a multistep (predictor-corrector) sampler (Zhao, Wang, Rao, Zhou & Lu 2024,
-"DC-Solver: Improving Predictor-Corrector Diffusion Sampler via Dynamic Compensation", ECCV; Sec. 4.1-4.3).
+"""DC-Solver: dynamic compensation of a multistep (predictor-corrector) sampler (Zhao, Wang, Zhou & Lu 2024,
+"DC-Solver: Improving Predictor-Corrector Diffusion Sampler via Dynamic Compensation", ECCV, arXiv 2409.03755;
+the method is its Sec. 3. The equation numbers cited here (Eq. 9-12) were not re-checked against the text.)
 
-Dynamic compensation (Sec. 4.1, Eq. 9-10): before the predictor step from node i, the newest model output m_i
+Dynamic compensation (Eq. 9-10): before the predictor step from node i, the newest model output m_i
 is replaced by the Lagrange interpolant in time through the last K + 1 outputs (K = ``dc_order``),
   m_i <- sum_{k=0..K} L_k(t~) m_{i-k},  L_k(t~) = prod_{j != k} (t~ - t_{i-j}) / (t_{i-k} - t_{i-j}),
 evaluated at t~ = rho_i t_i + (1 - rho_i) t_{i-1}, so rho_i = 1 leaves m_i unchanged. As in the official code,
@@ -10,15 +11,15 @@ history, where the predictor, the next corrector and later compensations use it.
 Steps with fewer than K + 1 outputs so far are not compensated.
 
 Here the L_k(t~) are one more row of the solver's table (``coefficients``), computed from the ``ratios`` leaf:
-the solver is a pytree, so new ratios never recompile and ``jax.grad`` reaches them (ratio search, Sec. 4.2).
+the solver is a pytree, so new ratios never recompile and ``jax.grad`` reaches them (ratio search).
 The wrapped solver is UniPC (the paper's predictor-corrector; default: data prediction, B(h) = expm1, order 2,
 as the official diffusers scheduler) or, as a plug-in, a predictor-only multistep DPM-Solver(++).
 
-Ratio search (Sec. 4.2, Eq. 11): ``fit_ratios`` optimises all ratios jointly with AdamW on the sum over nodes of
+Ratio search (Eq. 11): ``fit_ratios`` optimises all ratios jointly with AdamW on the sum over nodes of
 the mean squared distance between the sampler's trajectory and a reference trajectory at the same times, through
 the differentiable loop. The paper searches them greedily, one step at a time, against the corrected x; the joint
 loss is cheaper (one compiled loss for every step) and sees how a ratio affects later steps.
-Cascade polynomial regression (Sec. 4.3, Eq. 12): ``CPR`` predicts the ratios for unseen step counts and guidance
+Cascade polynomial regression (Eq. 12): ``CPR`` predicts the ratios for unseen step counts and guidance
 scales from a polynomial in (step fraction, NFE, guidance) fitted by least squares to searched ratios.
 """
 import dataclasses
