@@ -73,7 +73,8 @@ def lagrange_weights(t, ratios, dc_order):
 
 @pytree_dataclass
 class DCSolver(base.Solver):
-  """``inner`` with dynamic compensation; ``ratios`` (capacity - 1,) is a traced leaf (None: all 1)."""
+  """DC-Solver (Zhao et al. 2024): ``inner`` with dynamic compensation (Eq. 9-10); ``ratios`` (capacity - 1,)
+  is a traced leaf (None: all 1)."""
   ratios: Optional[jnp.ndarray] = None
   inner: Any = static_field(default=UniPC())
   dc_order: int = static_field(default=2)

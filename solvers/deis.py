@@ -129,7 +129,8 @@ def rho_steps(grid):
 
 @dataclasses.dataclass(frozen=True)
 class DEISMultistep(base.Solver):
-  """tAB-DEIS (``method='t_ab'``) and rhoAB-DEIS (``'rho_ab'``) with polynomial degree ``ab_order`` = r."""
+  """tAB-DEIS (``method='t_ab'``) and rhoAB-DEIS (``'rho_ab'``) of Zhang & Chen 2023, with polynomial degree
+  ``ab_order`` = r; ``quadrature_nodes`` Gauss-Legendre nodes per step for the tAB integrals."""
   ab_order: int = 3
   method: str = "t_ab"
   quadrature_nodes: int = 16
@@ -215,7 +216,7 @@ def tableau(name, zero_step=False):
 
 @dataclasses.dataclass(frozen=True)
 class DEISRungeKutta(base.Solver):
-  """rhoRK-DEIS: explicit Runge-Kutta on dv / d rho = eps_hat(alpha(rho) v, t(rho)), v = x / alpha.
+  """rhoRK-DEIS (Zhang & Chen 2023): explicit Runge-Kutta on dv / d rho = eps_hat(alpha(rho) v, t(rho)), v = x / alpha.
 
   With d rho = rho_{i+1} - rho_i and stage points rho_k = rho_i + c_k d rho (times t_k = t(-log rho_k),
   alphas alpha_k), in x = alpha v:

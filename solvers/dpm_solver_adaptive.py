@@ -73,7 +73,7 @@ def error_norm(x_high, x_low, x_prev, rtol, atol):
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverAdaptive(base.Solver):
-  """DPM-Solver-12 (``order=2``) / -23 (``order=3``) with the paper's step-size control (module docstring);
+  """DPM-Solver-12 (``order=2``) / -23 (``order=3``) with the step-size control of Lu et al. 2022a (module docstring);
   ``prediction`` 'noise' (DPM-Solver) or 'data' (DPM-Solver++), tolerances ``rtol`` / ``atol``, first step ``h_init``
   (in lambda), safety factor ``theta``, end tolerance ``t_err``, and the static budget ``max_attempts``."""
   order: int = 3

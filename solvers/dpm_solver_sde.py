@@ -31,8 +31,8 @@ from solvers.dpm_solver_multistep import SOLVER_TYPES, MultistepRules, differenc
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverSDE(MultistepRules, base.Solver):
-  """SDE-DPM-Solver++ of ``order`` 1 or 2 (2M), ``solver_type`` 'midpoint' / 'heun', noise scale ``s_noise``;
-  lower-order final steps as ``DPMSolverMultistep`` (module docstring)."""
+  """SDE-DPM-Solver++ (Lu et al. 2022b) of ``order`` 1 or 2 (2M), ``solver_type`` 'midpoint' / 'heun', noise scale
+  ``s_noise``; lower-order final steps as ``DPMSolverMultistep`` (module docstring)."""
   order: int = 2
   solver_type: str = "midpoint"
   lower_order_final: bool = True

@@ -55,7 +55,8 @@ class EDMState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class EDM(base.Solver):
-  """EDM Euler / Heun with optional churn (module docstring); S_churn = 0 is the deterministic Algorithm 1."""
+  """EDM Euler / Heun with optional churn (Karras et al. 2022, Algorithm 2; module docstring); S_churn = 0 is the
+  deterministic Algorithm 1."""
   method: str = "heun"
   S_churn: float = 0.0
   S_tmin: float = 0.0

@@ -19,7 +19,8 @@ from solvers import base
 
 @dataclasses.dataclass(frozen=True)
 class EulerMaruyama(base.Solver):
-  """Euler-Maruyama on the reverse SDE of any schedule (module docstring); weak order 1, needs a key."""
+  """Euler-Maruyama on the reverse SDE (Song et al. 2021, Eq. 6) of any schedule (module docstring); weak order 1,
+  needs a key."""
   order = 1
   stochastic = True
 

@@ -101,7 +101,8 @@ class GHVBState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class GHVB(base.Solver):
-  """Generalized heavy ball of order k = ``order`` (1-4) with momentum ``beta`` in (0, 1] (module docstring)."""
+  """Generalized heavy ball (Wizadwongsa et al. 2024) of order k = ``order`` (1-4) with momentum ``beta`` in (0, 1]
+  (module docstring)."""
   order: int = 4
   beta: float = 0.8
 

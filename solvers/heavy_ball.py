@@ -59,7 +59,8 @@ def heavy_ball_step(kind, denoiser, schedule, grid, coeffs, i, state):
 
 @dataclasses.dataclass(frozen=True)
 class PLMSHeavyBall(base.Solver):
-  """PLMS (pseudo AB of order ``order``) with heavy-ball momentum ``beta`` (module docstring)."""
+  """PLMS (pseudo AB of order ``order``) with heavy-ball momentum ``beta`` (Wizadwongsa et al. 2024; module
+  docstring)."""
   order: int = 4
   beta: float = 0.8
 
@@ -98,8 +99,8 @@ class PLMSHeavyBall(base.Solver):
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverPPHeavyBall(base.Solver):
-  """DPM-Solver++(2M) with heavy-ball momentum ``beta`` (module docstring); lower-order final steps as
-  ``DPMSolverMultistep``."""
+  """DPM-Solver++(2M) with heavy-ball momentum ``beta`` (Wizadwongsa et al. 2024; module docstring); lower-order
+  final steps as ``DPMSolverMultistep``."""
   beta: float = 0.8
   lower_order_final: bool = True
   lower_order_final_below: Optional[int] = 10

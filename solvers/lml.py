@@ -118,7 +118,8 @@ class LMLState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class LML(base.Solver):
-  """LML moves before the wrapped solver's step at every node whose sigma lies in [sigma_min, sigma_max].
+  """LML (Wang et al. 2025; our equations L1-L5): moves before the wrapped solver's step at every node whose sigma
+  lies in [sigma_min, sigma_max].
 
   ``predictor``: any solver whose iteration i is grid node i (one-step, multistep, the Langevin corrector);
   ``damping``: lambda of (L3) (inf: plain Langevin); ``rank``: outputs in G (0: plain Langevin);

@@ -79,7 +79,8 @@ def fit_gaussian(samples, rank=None, remainder="isotropic"):
 
 @pytree_dataclass
 class Teleport(base.Solver):
-  """A closed-form jump over the first ``skip`` fraction of the grid's steps, then ``inner`` (module docstring)."""
+  """Teleportation (Wang & Vastola 2025): a closed-form jump over the first ``skip`` fraction of the grid's steps,
+  then ``inner`` (module docstring)."""
   moments: Optional[GaussianMoments] = None
   skip: Any = 0.0
   inner: Any = static_field(default=DPMSolverMultistep(order=2))

@@ -49,7 +49,8 @@ class _AtShiftedTime:
 
 @dataclasses.dataclass(frozen=True)
 class TimeShift(base.Solver):
-  """``inner`` with the model evaluated at variance-matched times (module docstring)."""
+  """Time-shift sampling (Li et al. 2024, Algorithms 1-2): ``inner`` with the model evaluated at variance-matched
+  times (module docstring)."""
   inner: Any = DDIM()
   window: float = 0.2
   cutoff: float = 0.3
