@@ -84,7 +84,8 @@ def test_one_compilation_per_grid_capacity(run):
 
 def _timings(tree, path=""):
   """Every (path, value) of a timing, rate or ratio in the results."""
-  keys = ("_seconds", "_ms", "us_per_step", "us_per_nfe", "samples_per_second", "ratio", "speedup")
+  keys = ("_seconds", "_ms", "us_per_step", "us_per_nfe", "samples_per_second", "ratio", "ratio_best", "speedup",
+          "_median")
   if isinstance(tree, dict):
     for k, v in tree.items():
       if k == "config":
@@ -103,6 +104,10 @@ def test_every_timing_is_positive_and_finite(run):
   assert len(found) > 30  # every part contributed
   for path, value in found.items():
     assert math.isfinite(value) and value > 0, (path, value)
+  medians = [p for p in found if p.endswith("_median")]
+  assert len(medians) >= 10
+  for path in medians:  # the best of the calls is never above their median
+    assert found[path[:-len("_median")]] <= found[path], path
 
 
 def test_overhead_for_each_requested_solver(run):
