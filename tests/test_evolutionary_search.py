@@ -153,6 +153,16 @@ def test_small_space_is_covered_without_errors():
   np.testing.assert_array_equal(result.times, target)
 
 
+def test_chunked_evaluation_matches_vmap():
+  schedule = schedules.VPLinear()
+  candidates = es.candidate_times(schedule, candidates=30)
+  batch = np.stack([candidates[[0, 3 + k, 12 + k, 29]] for k in range(9)])
+  loss_fn = _toy_loss(schedule.lam(jnp.asarray(batch[4])), schedule)
+  whole = es.evaluate(loss_fn, batch)
+  assert whole[4] == 0.0 and np.all(whole[np.arange(9) != 4] > 0)
+  np.testing.assert_allclose(es.evaluate(loss_fn, batch, chunk=4), whole, rtol=1e-14)
+
+
 def _ranks(v):
   return np.argsort(np.argsort(v)).astype(float)
 
@@ -207,6 +217,8 @@ def test_bad_input_raises(gmm_problem, calibration_loss):
       (dict(t_start=2.0), "t_start"), (dict(init=np.array([1.0, 0.5, 0.1])), "init"),
       (dict(init=np.array([0.9, 0.5, 0.3, 0.1, 0.01])), "t_start"), (dict(chunk=0), "chunk"),
       (dict(init=np.array([1.0, 0.5, 0.6, 0.1, 0.01])), "decreasing"),
+      (dict(population=2, parents=1, init=[np.array([1.0, 0.5, 0.3, 0.1, t]) for t in (0.01, 0.02, 0.03)]),
+       "population"),
   ]
   for kwargs, word in cases:
     with pytest.raises(ValueError, match=word):
