@@ -13,6 +13,7 @@ from solvers import dpm_solver_sde, euler_maruyama, langevin  # noqa: F401  (reg
 from solvers import ghvb, heavy_ball  # noqa: F401  (register ghvb_2, ghvb_4, plms_hb, dpm_solver_pp_2m_hb)
 from solvers import lml  # noqa: F401  (registers ddim_lml, the Levenberg-Marquardt-Langevin plug-in)
 from solvers import bdia, edict  # noqa: F401  (register bdia_ddim, bdia_edm, edict)
+from solvers import usf  # noqa: F401  (registers usf, the per-step solver schedule)
 from solvers.base import available, get, register
 from solvers.grids import Grid
 from solvers.predictions import Denoiser, Guided, Thresholded
