@@ -31,7 +31,10 @@ median measures the other jobs too (the convention of Python's ``timeit``). The 
    ``unet_nfe``, timed interleaved (each repeat: the best of three evaluations, then one sampler
    run, so both see the same load); ratio = sampler time / (NFE x evaluation time), the median of the
    per-repeat ratios (``ratio_best``: best sampler time / (NFE x best evaluation)). Near 1 means the
-   loop adds nothing to the model's cost.
+   loop adds nothing to the model's cost. Where part 1 timed the same solver, ``predicted_ratio`` = 1 +
+   its near-free microseconds per step / the evaluation's microseconds: the loop's own cost per step
+   (at part 1's shape; the default 64 x 64 has as many numbers as a batch of 64 8x8 digits), a
+   noise-resistant estimate of what the measured ratio should be.
 5. ``throughput``: samples per second of ``throughput_solver`` at ``throughput_nfe`` steps, batch
    ``throughput_batch`` (default: ``unet_batch`` rounded up to a multiple of the device count), with the
    U-Net (or the near-free model, ``throughput_model='near_free'``), on one device
@@ -386,7 +389,7 @@ def compile_part(config):
           "cached_call_seconds": cached_call, "sweep_seconds": sweep, "compiling_calls": compiles}
 
 
-def unet_part(config, network):
+def unet_part(config, network, cache):
   """Sampler wall time / (NFE x one network evaluation) for the network at batch unet_batch."""
   from solvers import grids
 
@@ -417,7 +420,9 @@ def unet_part(config, network):
         evals.append(e)
         samples.append(s)
         ratios.append(s / (made * e))
+      near_free = cache.get(name, {}).get("us_per_step")
       runs.append({"solver": name, "steps": nfe, "nfe": made, "first_call_seconds": first,
+                   "predicted_ratio": None if near_free is None else 1 + 1e-6 * near_free / min(evals),
                    "sample_seconds": min(samples), "sample_seconds_median": float(np.median(samples)),
                    "eval_seconds": min(evals), "eval_seconds_median": float(np.median(evals)),
                    "ratio": float(np.median(ratios)), "ratio_best": min(samples) / (made * min(evals)),
@@ -509,7 +514,7 @@ def run(config=None, workdir="workdir/benchmark"):
   if "compile" in config.parts:
     results["compile"] = compile_part(config)
   if "unet" in config.parts:
-    results["unet"] = unet_part(config, network)
+    results["unet"] = unet_part(config, network, cache)
   if "throughput" in config.parts:
     results["throughput"] = throughput_part(config, network)
   results["total_seconds"] = time.perf_counter() - started
@@ -582,8 +587,9 @@ def format_table(results):
     out += ["", f"3. Sampling vs model cost: {u['model']}, x {tuple(u['shape'])} {u['dtype']}; ratio = sample time "
             "/ (NFE x one evaluation): median of interleaved pairs, and best / best"]
     rows = [(r["solver"], str(r["nfe"]), f"{1e3 * r['sample_seconds']:.1f}", f"{1e3 * r['eval_seconds']:.2f}",
-             f"{r['ratio']:.3f}", f"{r['ratio_best']:.3f}") for r in u["runs"]]
-    out += _columns(("solver", "NFE", "sample ms", "eval ms", "ratio", "best/best"), rows, {1, 2, 3, 4, 5})
+             f"{r['ratio']:.3f}", f"{r['ratio_best']:.3f}", _fmt(r["predicted_ratio"], ".4f")) for r in u["runs"]]
+    out += _columns(("solver", "NFE", "sample ms", "eval ms", "ratio", "best/best", "predicted (part 1)"), rows,
+                    {1, 2, 3, 4, 5, 6})
   t = results.get("throughput")
   if t:
     out += ["", f"4. Throughput: {t['model']}, {t['solver']} {t['steps']} steps, batch {t['batch']} {t['dtype']}; "

@@ -17,7 +17,7 @@ from experiments import benchmark_lib as lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
-SOLVERS = ("ddim", "dpm_solver_pp_2m", "euler_maruyama")
+SOLVERS = ("ddim", "dpm_solver_pp_2m", "euler_maruyama", "dpm_solver_12")  # ode, ode, sde, adaptive
 STEPS = 4
 BATCH, DIM = 8, 4
 UNET_BATCH = 8
@@ -115,11 +115,14 @@ def test_overhead_for_each_requested_solver(run):
   assert list(o["solvers"]) == list(SOLVERS) and o["shape"] == [BATCH, DIM] and o["dtype"] == "float32"
   for name, r in o["solvers"].items():
     assert "error" not in r and r["finite"], (name, r)
-    assert r["nfe"] == STEPS  # one model call per step for these three
+    assert name in run["table"]
+    assert math.isclose(r["us_per_nfe"], 1e3 * r["call_ms"] / r["nfe"])
+    if name == "dpm_solver_12":  # adaptive: it picks its own steps, so only the cost per NFE applies
+      assert r["kind"] == "adaptive" and r["us_per_step"] is None and r["nfe"] > 0
+      continue
+    assert r["nfe"] == STEPS  # one model call per step
     assert r["kind"] == ("sde" if name == "euler_maruyama" else "ode")
     assert math.isclose(r["us_per_step"], 1e3 * r["call_ms"] / STEPS)
-    assert math.isclose(r["us_per_nfe"], 1e3 * r["call_ms"] / r["nfe"])
-    assert name in run["table"]
 
 
 def test_diffusers_rows(run):
@@ -142,7 +145,12 @@ def test_unet_ratio_is_reported(run):
   u = run["results"]["unet"]
   assert u["shape"] == [UNET_BATCH, 8, 8, 1] and "UNet" in u["model"] and u["dtype"] == "float32"
   assert [(r["solver"], r["steps"], r["nfe"]) for r in u["runs"]] == [("ddim", 2, 2)]
-  assert u["runs"][0]["finite"]
+  r = u["runs"][0]
+  assert r["finite"]
+  assert math.isclose(r["ratio_best"], r["sample_seconds"] / (r["nfe"] * r["eval_seconds"]))
+  # the loop's own cost per step (part 1's near-free ddim) relative to one network evaluation
+  near_free = run["results"]["overhead"]["solvers"]["ddim"]["us_per_step"]
+  assert math.isclose(r["predicted_ratio"], 1 + 1e-6 * near_free / r["eval_seconds"])
 
 
 def test_throughput_on_one_and_all_devices(run):
