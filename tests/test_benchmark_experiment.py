@@ -182,6 +182,7 @@ def test_throughput_on_one_and_all_devices(run):
     ({"throughput_model": "big"}, "'big'"),
     ({"compile_solver": "dpm_solver_12"}, "adaptive"),
     ({"steps_per_call": 3}, "steps_per_call"),
+    ({"model": "/nonexistent/train_workdir", "parts": ["unet"]}, "/nonexistent/train_workdir"),
 ])
 def test_bad_settings_raise_naming_the_value(tmp_path, override, named):
   with pytest.raises(ValueError) as err:
