@@ -2,7 +2,7 @@
 Chao & Ji 2023, "AutoDiffusion: Training-Free Optimization of Time Steps and Architectures for Automated Diffusion
 Model Acceleration", ICCV; arXiv 2309.10438).
 
-The search space (the paper's Sec. 3, time-step part): a fixed, fine, decreasing set of candidate times, from
+The search space (the time-step part of the paper's): a fixed, fine, decreasing set of candidate times, from
 which a schedule picks ``num_times`` sorted, distinct entries. ``t_start`` is always the first time; with
 ``final='t_end'`` ``t_end`` is always the last one (so every schedule ends where the reference does); with
 ``final='zero'`` the grid appends the sigma = 0 node itself (``grids.from_times``) and the last finite time is
@@ -18,19 +18,19 @@ The evolutionary algorithm (the paper's search, as in its official code's ``Evol
 2. Each generation, the ``parents`` best schedules evaluated so far (top-k over every generation: elitism, so the
    best loss never increases) breed the next population: a fraction ``crossover`` by uniform crossover of two
    random parents (the i-th time of the child is the i-th time of either parent, with probability 1/2, then
-   sorted), the rest by mutation of one random parent (each free time replaced with probability ``mutation`` by a
+   sorted; a time drawn twice is replaced by another time of either parent, so times stay distinct), the rest by mutation of one random parent (each free time replaced with probability ``mutation`` by a
    random unused candidate; a child equal to its parent is redrawn). Schedules already evaluated are rejected
    and redrawn (the official code's ``vis_dict``); what cannot be filled in ten tries per slot is filled with
    random schedules.
-3. ``generations`` populations are evaluated in all (the initial one included): the paper's defaults are
-   population 50, top-k 10, 10 iterations, mutation probability 0.1, 25 crossovers + 25 mutations, which are
-   the defaults here.
+3. ``generations`` populations are evaluated in all (the initial one included). The official code's defaults,
+   population 50, top-k 10, 10 iterations, mutation probability 0.1, 25 crossovers + 25 mutations, are the
+   defaults here.
 
-What we kept and what we dropped. AutoDiffusion's "two-stage" search is over time steps and network
+What we kept and what we dropped. AutoDiffusion's two-stage evolutionary search covers time steps and network
 architectures (which blocks of the noise-prediction network to skip at each step). We keep the time-step
 search only: no architecture, the model is called whole at every step. The candidate schedules are evaluated by
 ``loss_fn``, supplied by the caller, in one ``jax.vmap``-ed, jitted call per generation, instead of one sampling
-run each; the paper's proxy is FID on a few thousand samples, ours is whatever ``loss_fn`` computes: the RMSE
+run each; the paper's proxy is the FID of a small set of generated samples, ours is whatever ``loss_fn`` computes: the RMSE
 against reference solutions on a few starting noises (``proxy_loss(metric='rmse')``), or, reference-free on the
 analytic GMM, a sliced Wasserstein distance to data samples (``proxy_loss(metric='swd')``). The search is
 seeded by ``key`` and deterministic; the host does the bookkeeping (sets of visited schedules) with a NumPy
