@@ -37,6 +37,8 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 
 class ResBlock(nn.Module):
+  """GroupNorm-SiLU-conv twice with the time (and class) embedding as a scale / shift in between, plus a skip
+  (1x1 conv when the channels change): the DDPM++ residual block (Song et al. 2021, score_sde)."""
   out_channels: int
   groups: int
 
@@ -53,6 +55,8 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
+  """Multi-head self-attention over the pixels after a GroupNorm, added to the input (the DDPM U-Net's
+  attention block, Ho et al. 2020)."""
   groups: int
   num_heads: int
 

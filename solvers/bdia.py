@@ -88,7 +88,7 @@ class _BDIASampler(base.Solver):
 
 @dataclasses.dataclass(frozen=True)
 class BDIA(_BDIASampler):
-  """BDIA-DDIM sampler; regenerates from a ``base.Latent`` pair. See the module docstring."""
+  """BDIA-DDIM sampler (Zhang, Lewis & Kleijn 2024, Eq. 20); regenerates from a ``base.Latent`` pair."""
 
   @property
   def order(self):
@@ -96,11 +96,13 @@ class BDIA(_BDIASampler):
     return 2 if self.gamma == 1.0 else 1
 
   def coefficients(self, grid, schedule):
+    """Per-step rows: the forward (i -> i+1) and backward (i -> i-1) DDIM maps and gamma (0 on the first step)."""
     (fx, fm), (bx, bm) = _ddim_map(grid, +1), _ddim_map(grid, -1)
     gamma = jnp.where(jnp.arange(grid.capacity - 1) == 0, 0.0, self.gamma)
     return {"fx": fx, "fm": fm, "bx": bx, "bm": bm, "gamma": gamma}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """Eq. 20: x_{i+1} = Phi(x_i; i -> i+1) + gamma [x_{i-1} - Phi(x_i; i -> i-1)], one model call."""
     c = base.cast_coefficients(coeffs, state.x)
     x0 = denoiser.predict("x0", state.x, grid.t[i], schedule)
     forward = c["fx"] * state.x + c["fm"] * x0
@@ -122,6 +124,7 @@ class BDIAInversion(base.Solver):
     return _pair_init(x, key, x)
 
   def coefficients(self, grid, schedule):
+    """Rows undoing sampling step N - j on the reversed grid; row 0 is DDIM inversion (sampling alignment)."""
     # Row j undoes sampling step N - j: the current node is j, "forward" (the sampling direction) is
     # node j - 1 and "backward" node j + 1 of the reversed grid; row 0 is DDIM inversion.
     (fx, fm), (bx, bm) = _ddim_map(grid, -1), _ddim_map(grid, +1)
@@ -133,6 +136,7 @@ class BDIAInversion(base.Solver):
             "t": jnp.where(first, grid.t[1], grid.t[:-1])}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """Eq. 20 solved for the earlier node: x_{i-1} = Phi(x_i; i -> i-1) + [x_{i+1} - Phi(x_i; i -> i+1)] / gamma."""
     c = base.cast_coefficients({k: v for k, v in coeffs.items() if k != "t"}, state.x)
     x0 = denoiser.predict("x0", state.x, coeffs["t"], schedule)
     forward = c["fx"] * state.x + c["fm"] * x0
@@ -177,7 +181,7 @@ def _cast_edm_rows(coeffs, x):
 
 @dataclasses.dataclass(frozen=True)
 class BDIAEDM(_BDIASampler):
-  """BDIA applied to EDM's Heun sampler; regenerates from a ``base.Latent`` pair. See the module docstring."""
+  """BDIA on EDM's Heun sampler (Zhang, Lewis & Kleijn 2024, Sec. 5.1); regenerates from a ``base.Latent`` pair."""
 
   @property
   def order(self):
@@ -185,12 +189,14 @@ class BDIAEDM(_BDIASampler):
     return 2 if self.gamma == 0.0 else 1
 
   def coefficients(self, grid, schedule):
+    """Per-step rows of the Heun step to i+1, the Euler step back to i-1 and the partner weight, in x at node i+1."""
     i = jnp.arange(grid.capacity - 1)
     rows = _edm_rows(grid, i, i + 1, jnp.maximum(i - 1, 0), i + 1)
     rows["gamma"] = jnp.where(i == 0, 0.0, self.gamma)
     return rows
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """Heun(x_i; i -> i+1) + gamma [x_{i-1} - Euler(x_i; i -> i-1)] (EDM's Heun as BDIA's forward map, Sec. 5.1)."""
     c = _cast_edm_rows(coeffs, state.x)
     forward, backward, calls = _edm_terms(denoiser, schedule, grid, i, state.x, c)
     x = forward + c["gamma"] * (c["partner"] * state.partner - backward)
@@ -210,6 +216,7 @@ class BDIAEDMInversion(base.Solver):
     return _pair_init(x, key, x)
 
   def coefficients(self, grid, schedule):
+    """Rows undoing sampling step N - j on the reversed grid, written in x at the earlier node; row 0 is DDIM inversion."""
     # The sampling direction is towards node i - 1 of the reversed grid; the output is node i + 1.
     i = jnp.arange(grid.capacity - 1)
     rows = _edm_rows(grid, i, jnp.maximum(i - 1, 0), i + 1, i + 1)
@@ -217,6 +224,7 @@ class BDIAEDMInversion(base.Solver):
     return rows
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """BDIA-EDM's step solved for the earlier node (divides by gamma); the model is called at the current node only."""
     def first(s):
       cx, cm = base.cast_coefficients(_first_inversion_row(grid), s.x)
       x0 = denoiser.predict("x0", s.x, grid.t[1], schedule)

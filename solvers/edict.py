@@ -54,13 +54,15 @@ class _EDICTPair(base.Solver):
 
 @dataclasses.dataclass(frozen=True)
 class EDICT(_EDICTPair):
-  """EDICT sampler; regenerates from a ``base.Latent`` pair (x_T, y_T). See the module docstring."""
+  """EDICT sampler (Wallace, Gokul & Naik 2023); regenerates from a ``base.Latent`` pair (x_T, y_T)."""
 
   def coefficients(self, grid, schedule):
+    """Per-step DDIM weights in noise form: x' = a x + b eps_hat."""
     a, b, _ = exponential.first_order_rows(grid, data=False)
     return {"a": a, "b": b}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """Wallace et al. 2023, Eq. 13-15: the coupled DDIM updates of (x, y), then the mixing layer with p."""
     c = base.cast_coefficients(coeffs, state.x)
     p = jnp.asarray(self.p, c["a"].dtype)
     t = grid.t[i]
@@ -79,12 +81,14 @@ class EDICTInversion(_EDICTPair):
   """The exact inverse of ``EDICT`` on the reversed grid (``grids.reverse``)."""
 
   def coefficients(self, grid, schedule):
+    """Per-step inverse DDIM weights: row j undoes the sampling step from node j + 1 to node j."""
     # Row j undoes the sampling step from node j + 1 to node j of the reversed grid.
     a, b, _ = exponential.first_order_weights(grid.alpha[1:], grid.sigma[1:], grid.alpha[:-1], grid.sigma[:-1],
                                               grid.lam[:-1] - grid.lam[1:], data=False)
     return {"a": a, "b": b}
 
   def step(self, denoiser, schedule, grid, coeffs, i, state):
+    """Eq. 13-15 inverted: the mixing layer undone, then the coupled DDIM updates in reverse order."""
     c = base.cast_coefficients(coeffs, state.x)
     p = jnp.asarray(self.p, c["a"].dtype)
     t = grid.t[i + 1]
