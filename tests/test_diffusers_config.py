@@ -462,6 +462,18 @@ def test_flow_match_euler_is_ddim_on_flow(parity):
     assert nfe == num_steps
 
 
+def test_load_a_scheduler_object(parity):
+  """A diffusers scheduler itself loads as its class and config (which keeps the keys from_config ignored)."""
+  import diffusers
+  config = as_class(SD15, "DPMSolverMultistepScheduler", use_karras_sigmas=True, solver_order=3)
+  scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config)
+  loaded, from_dict = diffusers_config.load(scheduler), diffusers_config.load(config)
+  assert loaded.class_name == "DPMSolverMultistepScheduler" and loaded.ignored == from_dict.ignored
+  assert loaded.solver == from_dict.solver and loaded.time_label == from_dict.time_label
+  scheduler.set_timesteps(12)
+  np.testing.assert_array_equal(loaded.timesteps(12), scheduler.timesteps.numpy())
+
+
 def test_defaults_are_diffusers_defaults(parity):
   """The defaults a config's missing keys take here are those of the pinned diffusers' signatures."""
   import diffusers
