@@ -92,7 +92,7 @@ class Config:
   steps: int = 50                  # steps per sample call (overhead, diffusers)
   batch: int = 64                  # x_T is (batch, dim) float32 (overhead, diffusers, compile)
   dim: int = 64
-  repeats: int = 11                # timed calls per measurement (best and median are kept)
+  repeats: int = 21                # timed calls per measurement (best and median are kept)
   seed: int = 0
   compile_solver: str = "ddim"
   compile_max_nfe: int = 100       # the compile part samples every NFE 1..compile_max_nfe
