@@ -3,9 +3,10 @@
 Performance claims here are ratios of numbers measured side by side in one process (the machine may be
 shared and noisy). Every timing is taken over ``repeats`` timed calls after a warm-up call, each ended by
 ``block_until_ready`` (``torch.cuda.synchronize`` for torch on a GPU); the best (minimum) and the median
-are both recorded (``*_median`` keys). The tables quote the best: the calls of parts 1, 2 and 4 last well
-under a scheduler time slice, so on a shared machine the minimum is the call that ran undisturbed and the
-median measures the other jobs too (the convention of Python's ``timeit``). The parts (``PARTS``):
+are both recorded (``*_median`` keys). The tables quote the best: on a shared machine the minimum is the
+call least disturbed by other jobs, while the median measures them too (the convention of Python's
+``timeit``); parts 3 and 4 also time their two sides interleaved and quote the median of the paired
+ratios. The parts (``PARTS``):
 
 1. ``overhead``: the cost per step of the solvers themselves. The model is near-free, eps = 0.5 x
    (``HalfEps``), on x_T of shape (batch, dim) float32 on the VP-linear schedule, a logSNR grid of
