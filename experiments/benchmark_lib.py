@@ -191,6 +191,7 @@ _NEAR_FREE = HalfEps()
 
 
 def near_free_denoiser(apply_fn=_NEAR_FREE):
+  """The ``solvers.Denoiser`` of the near-free model (an eps prediction, the schedule's own time label)."""
   from solvers.predictions import Denoiser
   return Denoiser(apply_fn=apply_fn, params=None, prediction="eps", time_label="t")
 
@@ -303,6 +304,7 @@ def _overhead_setup(config):
 
 
 def overhead(config, cache):
+  """Part 1: each solver's time per call, step and NFE with the near-free model (records also go to ``cache``)."""
   schedule, grid, x, key = _overhead_setup(config)
   out = {}
   for name in config.solvers:
@@ -436,6 +438,7 @@ def unet_part(config, network, cache):
 
 
 def throughput_batch(config):
+  """The throughput part's batch: ``throughput_batch``, or ``unet_batch`` rounded up to a multiple of the devices."""
   if config.throughput_batch is not None:
     return config.throughput_batch
   n = jax.device_count()
