@@ -16,50 +16,50 @@ The evolutionary algorithm (the paper's search, as in its official code's ``Evol
    ``init`` grids (e.g. the logSNR grid's times) are added to the candidates, enter the first population as they
    are, and half of it is their mutations (the official ``use_ddim_init_x`` option, mutation probability 0.1).
 2. Each generation, the ``parents`` best schedules evaluated so far (top-k over every generation: elitism, so the
-   best loss never increases) breed the next population: a fraction ``crossover`` by uniform crossover of two
-   random parents (the i-th time of the child is the i-th time of either parent, with probability 1/2, then
-   sorted; a time drawn twice is replaced by another time of either parent, so times stay distinct), the rest by mutation of one random parent (each free time replaced with probability ``mutation`` by a
-   random unused candidate; a child equal to its parent is redrawn). Schedules already evaluated are rejected
-   and redrawn (the official code's ``vis_dict``); what cannot be filled in ten tries per slot is filled with
-   random schedules.
+   best loss never increases) breed the next population: a fraction ``crossover`` by uniform crossover of two random
+   parents (the i-th time of the child is the i-th time of either parent, with probability 1/2, then sorted; a time
+   drawn twice is replaced by another time of either parent, so times stay distinct), the rest by mutation of one
+   random parent (each free time replaced with probability ``mutation`` by a random unused candidate; a child equal
+   to its parent is redrawn). Schedules already evaluated are rejected and redrawn (the official code's
+   ``vis_dict``); what cannot be filled in ten tries per slot is filled with random schedules.
 3. ``generations`` populations are evaluated in all (the initial one included). The official code's defaults,
    population 50, top-k 10, 10 iterations, mutation probability 0.1, 25 crossovers + 25 mutations, are the
    defaults here.
 
 What we kept and what we dropped. AutoDiffusion's two-stage evolutionary search covers time steps and network
-architectures (which blocks of the noise-prediction network to skip at each step). We keep the time-step
-search only: no architecture, the model is called whole at every step. The candidate schedules are evaluated by
-``loss_fn``, supplied by the caller, in one ``jax.vmap``-ed, jitted call per generation, instead of one sampling
-run each; the paper's proxy is the FID of a small set of generated samples, ours is whatever ``loss_fn`` computes: the RMSE
-against reference solutions on a few starting noises (``proxy_loss(metric='rmse')``), or, reference-free on the
-analytic GMM, a sliced Wasserstein distance to data samples (``proxy_loss(metric='swd')``). The search is
-seeded by ``key`` and deterministic; the host does the bookkeeping (sets of visited schedules) with a NumPy
-generator seeded from the key.
+architectures (which blocks of the noise-prediction network to skip at each step). We keep the time-step search
+only: no architecture, the model is called whole at every step. The candidate schedules are evaluated by
+``loss_fn``, supplied by the caller, in one ``jax.vmap``-ed, jitted call per generation, instead of one sampling run
+each; the paper's proxy is the FID of a small set of generated samples, ours is whatever ``loss_fn`` computes: the
+RMSE against reference solutions on a few starting noises (``proxy_loss(metric='rmse')``), or, reference-free on the
+analytic GMM, a sliced Wasserstein distance to data samples (``proxy_loss(metric='swd')``). The search is seeded by
+``key`` and deterministic; the host does the bookkeeping (sets of visited schedules) with a NumPy generator seeded
+from the key.
 
 Measured on the analytic GMM (``models.analytic.gmm(dim=8)``, VPLinear, t = 1 -> 1e-3, final='zero'),
-``dpm_solver_pp_2m`` (NFE = steps): RMSE on 512 held-out starting noises against the diffrax reference (rtol 1e-10);
-the search's loss is the RMSE on 32 other (calibration) starts (``proxy_loss('rmse')``). Searched: the paper's
-settings (population 50, top-10, 10 generations = 500 evaluations, key 0, random initial population), then 50
-generations, then 10 generations seeded with the three hand-made grids. Wall time on the shared 2-core CPU: the
-first search at an NFE (compilation included) / the same search again (compiled):
+``dpm_solver_pp_2m`` (NFE = steps): RMSE on 512 held-out starts against the diffrax reference (rtol 1e-10), from
+``learned_grids.make_problem(..., key=jax.random.key(0), num_calibration=C, num_heldout=512)``; the search
+minimises ``proxy_loss(solver, problem)``, the RMSE on the C calibration starts; key 0, random initial population.
+Columns: the hand-made grids; the paper's settings (population 50, top-10, 10 generations = 500 evaluations) with
+C = 32 and C = 128; 50 generations (C = 128); 10 generations seeded with the three hand-made grids (C = 128):
 
-| NFE | logSNR | time-quadratic | Karras | searched 50 x 10 | searched 50 x 50 | seeded 50 x 10 | seconds, 50 x 10 |
+| NFE | logSNR | time-quadratic | Karras | C=32, 50x10 | C=128, 50x10 | C=128, 50x50 | C=128, seeded |
 |---|---|---|---|---|---|---|---|
-| 4 | 0.398 | 0.371 | 0.445 | 0.208 | 0.207 | 0.209 | 3.3 / 0.21 |
-| 5 | 0.308 | 0.278 | 0.391 | 0.174 | 0.166 | 0.159 | 4.3 / 0.29 |
-| 6 | 0.232 | 0.220 | 0.240 | 0.140 | 0.133 | 0.138 | 3.5 / 0.26 |
-| 8 | 0.171 | 0.161 | 0.286 | 0.102 | 0.099 | 0.120 | 5.0 / 0.30 |
-| 10 | 0.137 | 0.128 | 0.179 | 0.092 | 0.090 | 0.096 | 3.8 / 0.36 |
+| 4 | 0.392 | 0.379 | 0.444 | 0.189 | 0.173 | 0.172 | 0.173 |
+| 5 | 0.310 | 0.255 | 0.402 | 0.159 | 0.137 | 0.129 | 0.129 |
+| 6 | 0.230 | 0.189 | 0.231 | 0.159 | 0.118 | 0.112 | 0.113 |
+| 8 | 0.155 | 0.118 | 0.278 | 0.121 | 0.084 | 0.081 | 0.080 |
+| 10 | 0.106 | 0.077 | 0.158 | 0.063 | 0.080 | 0.056 | 0.078 |
 
-The searched grids beat the best hand-made one (time-quadratic) by 1.4-1.8x at every NFE. They put their steps
-in lambda in [-2.9, 1.6] (where the mixture's modes separate) and jump to sigma = 0 from lambda 1.1-3.3, far above
-t_end (lambda 4.3). 50 generations lower the calibration loss by 0-10% and the held-out one by 1-5%. At NFE 8-10
-the calibration RMSE (0.096, 0.065) falls below the held-out one (0.102, 0.092): 32 starts begin to be overfitted.
-Seeding with the hand-made grids helps at NFE 5 but hurts at NFE 8 (the mutations around the seeds crowd the
-population near them): the paper's random initial population is the default.
-Reproduce (x64 on): ``x = gmm.sample(jax.random.key(123), 544, alpha(1), sigma(1))``, ``ref = reference.solve(den,
-schedule, x, 1.0, 'zero')``, ``search(proxy_loss('dpm_solver_pp_2m', den, schedule, x[:32], reference=ref[:32]),
-schedule, nfe, key=jax.random.key(0))``, then ``proxy_loss`` on ``x[32:]``, ``ref[32:]`` at the found times.
+With 128 calibration starts the searched grid beats the best hand-made one (time-quadratic) on held-out starts by
+2.2x at NFE 4, 1.9x at 5, 1.6x at 6 and 1.4x at 8; at NFE 10 it needs 50 generations (1.4x). The per-start errors
+are heavy-tailed (trajectories near the boundaries between modes: 5% of the held-out starts carry 68% of
+time-quadratic's squared error at NFE 5), so 32 starts are an unrepresentative sample: the search then overfits them
+(calibration / held-out RMSE 0.075 / 0.159 at NFE 5, 0.035 / 0.121 at NFE 8, where it loses to time-quadratic's
+0.118). Searched grids (C = 128) put their steps in lambda in [-2.9, 1.9] after t_start (lambda -5.0), where the
+mixture's modes separate, and jump to sigma = 0 from lambda 1.0-1.9, well before t_end (lambda 4.6). Wall time on
+the shared 2-core CPU (load 5-12), C = 128: 2.6-4.1 s for the first 50 x 10 search at an NFE (compilation included),
+0.2-0.6 s for the same search compiled, 1.1-4.1 s for 50 x 50.
 """
 import functools
 import time
@@ -214,13 +214,13 @@ def search(loss_fn, schedule, num_steps, *, key, t_start=None, t_end=None, final
   ``loss_fn(times) -> scalar``: a JAX-traceable function of one decreasing (num_times,) array of times, where
   num_times = num_steps with ``final='zero'`` (the sigma = 0 node is the grid's) and num_steps + 1 otherwise, e.g.
   the RMSE of a solver on ``grids.from_times(schedule, times, final=final)`` (``proxy_loss``). Non-finite losses
-  count as +inf. ``candidates``: see ``candidate_times``. ``population``: schedules per generation;
-  ``generations``: populations evaluated, the first included; ``mutation``: the probability that a mutation
-  replaces each free time; ``crossover``: the fraction of each new population bred by crossover (the rest by
-  mutation); ``parents``: the top-k of all schedules so far that breed (default min(10, population)); ``init``: None, or one or several
+  count as +inf. ``candidates``: see ``candidate_times``. ``population``: schedules per generation; ``generations``:
+  populations evaluated, the first included; ``mutation``: the probability that a mutation replaces each free time;
+  ``crossover``: the fraction of each new population bred by crossover (the rest by mutation); ``parents``: the
+  top-k of all schedules so far that breed (default min(10, population)); ``init``: None, or one or several
   decreasing arrays of num_times times from t_start (and to t_end with ``final='t_end'``) that seed the first
-  population; ``chunk``: evaluate the population ``chunk`` schedules at a time (``lax.map``) instead of all at
-  once, to bound memory. Returns a ``SearchResult``.
+  population; ``chunk``: evaluate the population ``chunk`` schedules at a time (``lax.map``) instead of all at once,
+  to bound memory. Returns a ``SearchResult``.
   """
   started = time.perf_counter()
   if not callable(loss_fn):
@@ -324,11 +324,6 @@ def _fill(batch, size, visited, rng, draw, random=True):
   return batch
 
 
-def _grid_sample(solver, denoiser, schedule, times, x_T, final, capacity):
-  grid = grids_lib.from_times(schedule, times, final=final, capacity=capacity)
-  return loop.sample(solver, denoiser, schedule, grid, x_T).x
-
-
 def sorted_projections(x, directions):
   """(n, P): the projections of the points x (n, D) on the ``directions`` (P, D), each column sorted."""
   return jnp.sort(x @ directions.T, axis=0)
@@ -342,51 +337,54 @@ def sliced_wasserstein(x, y_sorted, directions):
   return jnp.sqrt(jnp.mean((sorted_projections(x, directions) - y_sorted) ** 2))
 
 
-def proxy_loss(solver, denoiser, schedule, x_T, *, metric="rmse", final="zero", reference=None, data=None,
-               key=None, num_projections=64, capacity=None):
-  """A cheap loss_fn(times) for ``search``: the solver's samples from ``x_T`` on the grid through ``times``, scored by
+def proxy_loss(solver, problem, *, metric="rmse", data=None, key=None, num_projections=64):
+  """A cheap loss_fn(times) for ``search``: ``solver``'s samples from ``problem.x_calibration`` (a
+  ``learned_grids.Problem``, e.g. from ``learned_grids.make_problem``) on the grid through ``times``, scored by
 
-  - ``metric='rmse'``: the RMSE sqrt(mean |x - reference|^2) against ``reference`` (the PF-ODE solutions from the
-    same x_T, e.g. ``solvers.reference.solve``), on a handful of starting noises; the accuracy the search is for.
+  - ``metric='rmse'``: ``learned_grids.loss``, the RMSE against ``problem.reference_calibration`` (the PF-ODE
+    solutions from the same starts), on a handful of starting noises: the accuracy the search is for.
   - ``metric='swd'``: the sliced Wasserstein distance (``sliced_wasserstein``, ``num_projections`` random
-    directions drawn from ``key``) between the samples and ``data`` (as many data samples as x_T, e.g.
-    ``GMM.sample``): reference-free, a distribution-level score like the paper's FID. How well they rank 24 random
-    5-step ddim schedules on the GMM (dim 8), by the Spearman rank correlation with the RMSE on 48 held-out starts
-    (tests/test_evolutionary_search.py): RMSE on 8 / 32 starts 0.95 / 0.99; SWD on 8 / 32 / 256 samples 0.89 /
-    0.98 / 0.98. At equal sizes the RMSE ranks better; the SWD needs no reference solutions.
+    directions drawn from ``key``) between the samples and ``data``, as many data samples as there are starts
+    (e.g. ``GMM.sample``): reference-free, a distribution-level score like the paper's FID. The references are
+    not used, so a Problem without them will do: ``learned_grids.Problem(denoiser, schedule, final, t_start,
+    t_end, x_T, None, None, None)``.
 
-  ``solver``: an object or a registered name; ``capacity``: of the grid (default: the smallest that fits).
+  How well they rank 24 random 5-step ddim schedules on the GMM (dim 8), by the Spearman rank correlation with the
+  RMSE on 48 held-out starts (tests/test_evolutionary_search.py): RMSE on 8 / 32 starts 0.98 / 1.00; SWD on 8 / 32 /
+  256 samples -0.08 / 0.96 / 0.95. At equal sizes the RMSE ranks better (with 8 samples the SWD is noise); the SWD
+  needs no reference solutions.
+  ``solver``: an object or a registered name.
   """
-  from solvers import base  # the registry (imported here: solvers/__init__ imports this module's siblings)
+  from solvers import base, learned_grids  # imported here: learned_grids imports diffrax (the references)
 
   solver = base.get(solver) if isinstance(solver, str) else solver
-  grids_lib._check_final(final)
+  if not isinstance(problem, learned_grids.Problem):
+    raise ValueError(f"problem must be a solvers.learned_grids.Problem (learned_grids.make_problem), got "
+                     f"{type(problem).__name__}")
   if metric not in METRICS:
     raise ValueError(f"metric={metric!r} is unknown; valid: {', '.join(METRICS)}")
-  x_T = jnp.asarray(x_T)
+  x_T = jnp.asarray(problem.x_calibration)
   if metric == "rmse":
+    reference = problem.reference_calibration
     if reference is None or tuple(np.shape(reference)) != tuple(x_T.shape):
-      raise ValueError(f"metric='rmse' needs reference of x_T's shape {tuple(x_T.shape)}, got "
-                       f"{None if reference is None else tuple(np.shape(reference))}")
+      raise ValueError(f"metric='rmse' needs problem.reference_calibration of the starts' shape {tuple(x_T.shape)}, "
+                       f"got {None if reference is None else tuple(np.shape(reference))}")
     reference = jnp.asarray(reference, x_T.dtype)
-
-    def rmse(times):
-      return jnp.sqrt(jnp.mean((_grid_sample(solver, denoiser, schedule, times, x_T, final, capacity)
-                                - reference) ** 2))
-    return rmse
-  if data is None or tuple(np.shape(data)) != tuple(x_T.shape) or x_T.ndim != 2:
-    raise ValueError(f"metric='swd' needs data of x_T's shape (n, D) = {tuple(x_T.shape)}, got "
-                     f"{None if data is None else tuple(np.shape(data))}")
+    return lambda times: learned_grids.loss(solver, times, x_T, reference, problem)
+  if data is None or tuple(np.shape(data)) != tuple(x_T.shape):
+    raise ValueError(f"metric='swd' needs data of the starts' shape {tuple(x_T.shape)} (as many data samples as "
+                     f"starts), got {None if data is None else tuple(np.shape(data))}")
   num_projections = _check_positive_int(num_projections, "num_projections")
   if key is None:
     raise ValueError("metric='swd' needs key= for its random projection directions")
-  directions = jax.random.normal(key, (num_projections, x_T.shape[1]), x_T.dtype)
+  flat = lambda x: x.reshape(x.shape[0], -1)
+  directions = jax.random.normal(key, (num_projections, flat(x_T).shape[1]), x_T.dtype)
   directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
   # Sorted here, once: inside the loss XLA would constant-fold the sort of the data at every compilation.
-  data_sorted = sorted_projections(jnp.asarray(data, x_T.dtype), directions)
+  data_sorted = sorted_projections(flat(jnp.asarray(data, x_T.dtype)), directions)
 
   def swd(times):
-    return sliced_wasserstein(_grid_sample(solver, denoiser, schedule, times, x_T, final, capacity), data_sorted,
-                              directions)
+    grid = learned_grids.make_grid(problem.schedule, times, problem.final)
+    x = loop.sample(solver, problem.denoiser, problem.schedule, grid, x_T).x
+    return sliced_wasserstein(flat(x), data_sorted, directions)
   return swd
-
