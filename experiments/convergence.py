@@ -23,7 +23,11 @@ _PROBLEMS = flags.DEFINE_list("problems", None, f"Comma list of problems, from {
 _MODEL = flags.DEFINE_string("model", None, f"A training workdir (python -m experiments.train): the network of the "
                              f"problem '{lib.MODEL}'. Keep --batch small (8-16) for image models: the reference "
                              "costs hundreds of network calls per sample.")
-_GRID = flags.DEFINE_enum("grid", _D.grid, sorted(grids.GRIDS), "Time grid builder of solvers.grids.")
+_GRID = flags.DEFINE_string("grid", _D.grid, f"Time grid builder of solvers.grids ({', '.join(sorted(grids.GRIDS))}), "
+                            "or learned:<name>, a learned-schedule artifact (python -m experiments.learn_schedule; "
+                            "'{nfe}' in the name: one per --nfe entry) found in --schedules_dir, $DOS_SCHEDULES or "
+                            "experiments/schedules/.")
+_SCHEDULES_DIR = flags.DEFINE_string("schedules_dir", None, "A folder searched first for --grid=learned:<name>.")
 _FINAL = flags.DEFINE_enum("final", _D.final, list(grids.FINAL_POLICIES),
                            "Final-step policy: stop at t_end, or end with a jump to sigma = 0 ('zero').")
 _BATCH = flags.DEFINE_integer("batch", _D.batch, "Number of starting points x_T.", lower_bound=1)
@@ -48,13 +52,17 @@ flags.register_validator("nfe", _validator(lambda v: cli.numbers(v, "nfe", int, 
 flags.register_multi_flags_validator(
     ["problems", "model"], _validator(lambda v: lib.resolve_config({"problems": v["problems"], "model": v["model"]})))
 flags.register_validator("solvers", _validator(lambda v: v is None or lib.resolve_config({"solvers": v})))
+flags.register_multi_flags_validator(
+    ["grid", "nfe", "final", "schedules_dir"],
+    _validator(lambda v: lib.resolve_config({"grid": v["grid"], "nfe_steps": v["nfe"], "final": v["final"],
+                                             "schedules_dir": v["schedules_dir"]})))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = lib.Config(problems=_PROBLEMS.value, model=_MODEL.value, solvers=_SOLVERS.value, nfe_steps=list(cli.numbers(_NFE.value, "nfe", int, minimum=1)),
-                      grid=_GRID.value, final=_FINAL.value, batch=_BATCH.value, seed=_SEED.value,
+                      grid=_GRID.value, schedules_dir=_SCHEDULES_DIR.value, final=_FINAL.value, batch=_BATCH.value, seed=_SEED.value,
                       prepare_seed=_PREPARE_SEED.value)
   lib.run(config, _WORKDIR.value)
 

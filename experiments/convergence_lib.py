@@ -60,7 +60,12 @@ class Config:
   # Step counts of the sweep (= NFE for solvers with one model call per step; the fit uses Solution.nfe).
   nfe_steps: Sequence[int] = (5, 10, 20, 40, 80, 160)
   schedule: str = "vp_linear"          # a name of solvers.schedules.SCHEDULES
-  grid: str = "logsnr"                 # a name of solvers.grids.GRIDS
+  # A name of solvers.grids.GRIDS, or learned:<name>: a learned-schedule artifact (solvers.schedule_artifacts) of
+  # the problem's schedule, for one step count (nfe_steps = its steps), or, with '{nfe}' in the name (e.g.
+  # learned:gmm-dim8-k4-seed0-unipc_bh2_2-gradient-nfe{nfe}), one per step count; final must be the artifacts'.
+  # Their grids only: every solver of the study runs on them (a DC / USF artifact's options are not used).
+  grid: str = "logsnr"
+  schedules_dir: Optional[str] = None  # a folder searched first for learned:<name> artifacts
   final: str = "t_end"                 # solvers.grids.FINAL_POLICIES: 't_end' or 'zero' (a last jump to sigma = 0)
   t_start: Optional[float] = 1.0       # None: the schedule's t_max
   t_end: Optional[float] = 1e-3        # None: the schedule's t_min
@@ -106,7 +111,7 @@ def _check_int(value, name, minimum):
 def resolve_config(config=None):
   """A validated ``Config`` from a Config, a dict of overrides or None; bad values raise ValueError."""
   import solvers
-  from solvers import grids, schedules
+  from solvers import grids, schedule_artifacts, schedules
 
   config = cli.dataclass_config(Config, config)
 
@@ -141,10 +146,18 @@ def resolve_config(config=None):
 
   if config.schedule not in schedules.SCHEDULES:
     raise ValueError(f"schedule {config.schedule!r} is unknown; valid: {', '.join(sorted(schedules.SCHEDULES))}")
-  if config.grid not in grids.GRIDS:
-    raise ValueError(f"grid {config.grid!r} is unknown; valid: {', '.join(sorted(grids.GRIDS))}")
+  learned = schedule_artifacts.learned_name(config.grid)
+  if learned is None and config.grid not in grids.GRIDS:
+    raise ValueError(f"grid {config.grid!r} is unknown; valid: {', '.join(sorted(grids.GRIDS))}, or learned:<name>")
   if config.final not in grids.FINAL_POLICIES:
     raise ValueError(f"final {config.final!r} is unknown; valid: {', '.join(grids.FINAL_POLICIES)}")
+  if learned is not None:  # every artifact exists (an unknown name lists the available ones) and fits
+    if "{nfe}" not in learned and len(steps) != 1:
+      artifact = schedule_artifacts.load(learned, search_path=config.schedules_dir)
+      raise ValueError(f"grid {config.grid!r} has {artifact.num_steps} steps: pass nfe_steps=[{artifact.num_steps}] "
+                       "(--nfe), or put '{nfe}' in the name for one artifact per step count")
+    for n in steps:
+      schedule_artifacts.check_compatible(_learned_artifact(config, n), num_steps=n, final=config.final)
   for name in ("reference_rtol", "reference_atol", "error_floor"):
     value = getattr(config, name)
     if not (isinstance(value, (int, float)) and value > 0):
@@ -204,7 +217,19 @@ def fit_order(nfe, err):
   return float(-slope)
 
 
+def _learned_artifact(config, steps):
+  """The artifact of ``grid='learned:<name>'`` for ``steps`` ('{nfe}' in the name replaced by it)."""
+  from solvers import schedule_artifacts
+  name = schedule_artifacts.learned_name(config.grid).replace("{nfe}", str(steps))
+  return schedule_artifacts.load(name, search_path=config.schedules_dir)
+
+
 def _make_grid(grids, schedule, config, steps, capacity):
+  from solvers import schedule_artifacts
+  if schedule_artifacts.learned_name(config.grid) is not None:
+    artifact = _learned_artifact(config, steps)
+    schedule_artifacts.check_compatible(artifact, schedule=schedule, num_steps=steps, final=config.final)
+    return artifact.grid(capacity=capacity)
   builder = grids.GRIDS[config.grid]
   params = inspect.signature(builder).parameters
   kwargs = {"final": config.final, "capacity": capacity}

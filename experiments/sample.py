@@ -19,14 +19,19 @@ _D = lib.Config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (created if missing). Required.", required=True)
 _MODEL = flags.DEFINE_string("model", None, "The --workdir of a training run (python -m experiments.train). Required.",
                              required=True)
-_SOLVER = flags.DEFINE_string("solver", _D.solver, "A registered solver name (solvers.available()).")
+_SOLVER = flags.DEFINE_string("solver", _D.solver, f"A registered solver name (solvers.available()); default "
+                              f"{lib.DEFAULT_SOLVER}, or the learned grid's solver with --grid=learned:<name>.")
 _GRID = flags.DEFINE_string("grid", _D.grid, f"Time grid: one of {', '.join(sorted(grids.GRIDS))} (uniform_logsnr = "
-                            "logsnr).")
-_STEPS = flags.DEFINE_integer("steps", _D.steps, "Number of grid steps (the NFE of one-call-per-step solvers).")
+                            "logsnr), or learned:<name>, a learned-schedule artifact (python -m "
+                            "experiments.learn_schedule) found in --schedules_dir, $DOS_SCHEDULES or experiments/schedules/.")
+_STEPS = flags.DEFINE_integer("steps", _D.steps, f"Number of grid steps (the NFE of one-call-per-step solvers); default "
+                              f"{lib.DEFAULT_STEPS}, or the learned grid's.")
 _NUM = flags.DEFINE_integer("num_samples", _D.num_samples, "Number of samples (per class with --class_label=-1: "
                             "ceil(num_samples / classes) each).")
 _FINAL = flags.DEFINE_enum("final", _D.final, list(grids.FINAL_POLICIES),
-                           "Final-step policy: stop at t_min, or end with a jump to sigma = 0 ('zero').")
+                           f"Final-step policy: stop at t_min, or end with a jump to sigma = 0 ('zero'); default "
+                           f"{lib.DEFAULT_FINAL}, or the learned grid's.")
+_SCHEDULES_DIR = flags.DEFINE_string("schedules_dir", None, "A folder searched first for --grid=learned:<name>.")
 _SEED = flags.DEFINE_integer("seed", _D.seed, "PRNG seed of x_T (and of a stochastic solver's noise).")
 _CLASS = flags.DEFINE_integer("class_label", None, "Class of every sample (class-conditional models); -1: one row "
                               "per class. Unset: unconditional (the null label).")
@@ -35,7 +40,8 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", _D.checkpoint, list(lib.CHECKPOINTS),
                                 "params: the final EMA params; latest: the EMA params of the newest checkpoint.")
 _FLAGS = {"model": _MODEL, "solver": _SOLVER, "grid": _GRID, "steps": _STEPS, "final": _FINAL,
-          "num_samples": _NUM, "seed": _SEED, "class_label": _CLASS, "guidance": _GUIDANCE, "checkpoint": _CHECKPOINT}
+          "num_samples": _NUM, "seed": _SEED, "class_label": _CLASS, "guidance": _GUIDANCE, "checkpoint": _CHECKPOINT,
+          "schedules_dir": _SCHEDULES_DIR}
 
 
 def _validate(values):

@@ -9,7 +9,9 @@ exactly as the loss did.
 Sampling: x_T ~ N(0, sigma(t_start)^2 I) (N(0, I) up to 1e-5 for the VP and flow schedules) at the grid's
 first node (the schedule's t_max for the builders' defaults), ``num_samples`` of the data's shape, in
 float32, integrated by any registered solver (its ``prepare`` first, for the solvers that learn from the
-model) along the named grid with the chosen final-step policy. Class-conditional networks take a class
+model) along the named grid with the chosen final-step policy, or along a learned grid (``grid='learned:<name>'``, a
+``solvers.schedule_artifacts`` artifact of ``experiments.learn_schedule``: its times, steps, final policy and, unless
+``solver`` is given, its solver with the learned options). Class-conditional networks take a class
 label for every sample (``class_label=k``, or ``-1`` for one row per class: ceil(num_samples /
 num_classes) samples of each class) and a classifier-free guidance scale (``solvers.Guided`` with the
 network's null label as the unconditional pass; scale 1 is the conditional network alone, one pass).
@@ -38,11 +40,13 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from experiments import cli
 from experiments.convergence_lib import _check_int, _json, _write_atomic
 
 CHECKPOINTS = ("params", "latest")
+DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_FINAL = "dpm_solver_pp_2m", 10, "t_end"
 ALL_CLASSES = -1
 PAD_VALUE = 0.5  # grey between the tiles of an image grid (digits are white on black)
 
@@ -51,15 +55,22 @@ PAD_VALUE = 0.5  # grey between the tiles of an image grid (digits are white on 
 class Config:
   """The settings of one sampling run; ``model`` (a training workdir) is required."""
   model: Optional[str] = None
-  solver: str = "dpm_solver_pp_2m"      # a registered solver name (solvers.available())
-  grid: str = "logsnr"                  # a name of solvers.grids.GRIDS (or its builder's name, uniform_logsnr)
-  steps: int = 10                       # grid steps (the NFE for one-call-per-step solvers)
-  final: str = "t_end"                  # solvers.grids.FINAL_POLICIES: stop at t_min, or end with a jump to sigma = 0
+  # A registered solver name (solvers.available()); None: dpm_solver_pp_2m, or a learned grid's own solver.
+  solver: Optional[str] = None
+  # A name of solvers.grids.GRIDS (or its builder's name, uniform_logsnr), or learned:<name>: the grid of a
+  # solvers.schedule_artifacts artifact (learned for this model's schedule), found in ``schedules_dir``,
+  # $DOS_SCHEDULES or experiments/schedules/; it sets steps and final, and the solver (with its learned options) if
+  # ``solver`` is unset.
+  grid: str = "logsnr"
+  steps: Optional[int] = None           # grid steps (the NFE for one-call-per-step solvers); None: 10 / the artifact's
+  # solvers.grids.FINAL_POLICIES: stop at t_min, or end with a jump to sigma = 0; None: t_end / the artifact's
+  final: Optional[str] = None
   num_samples: int = 64
   seed: int = 0
   class_label: Optional[int] = None     # None: unconditional; k: class k; -1: one row per class
   guidance: Optional[float] = None      # classifier-free guidance scale (needs class_label); None: 1
   checkpoint: str = "params"            # 'params' (final EMA) or 'latest' (EMA of the newest checkpoint)
+  schedules_dir: Optional[str] = None   # a folder searched first for learned:<name> artifacts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,10 +161,20 @@ def resolve_config(config):
   (What depends on the model, such as the class range, is checked by ``run`` once it is loaded.)"""
   import solvers
   from solvers import grids
+  from solvers import schedule_artifacts as sa
 
   config = cli.dataclass_config(Config, config)
   if not config.model:
     raise ValueError("model is required: the --workdir of a training run (python -m experiments.train)")
+  learned = sa.learned_name(config.grid)
+  if learned is not None:  # an unknown name raises a ValueError listing the available ones
+    artifact = sa.load(learned, search_path=config.schedules_dir)
+    sa.check_compatible(artifact, num_steps=config.steps, final=config.final)
+    config = dataclasses.replace(config, steps=artifact.num_steps, final=artifact.final,
+                                 solver=config.solver or artifact.solver)
+  config = dataclasses.replace(config, solver=config.solver or DEFAULT_SOLVER,
+                               steps=DEFAULT_STEPS if config.steps is None else config.steps,
+                               final=config.final or DEFAULT_FINAL)
   solvers.get(config.solver)  # raises a ValueError listing the names
   if config.final not in grids.FINAL_POLICIES:
     raise ValueError(f"final={config.final!r} is unknown; valid: {', '.join(grids.FINAL_POLICIES)}")
@@ -169,7 +190,7 @@ def resolve_config(config):
       raise ValueError(f"guidance={guidance} needs a class label to guide towards: pass class_label "
                        "(--class_label=k, or -1 for every class)")
     guidance = float(guidance)
-  return dataclasses.replace(config, model=str(config.model), grid=_grid_name(config.grid),
+  return dataclasses.replace(config, model=str(config.model), grid=config.grid if learned else _grid_name(config.grid),
                              steps=_check_int(config.steps, "steps", 1),
                              num_samples=_check_int(config.num_samples, "num_samples", 1),
                              seed=_check_int(config.seed, "seed", 0), class_label=class_label, guidance=guidance)
@@ -220,14 +241,17 @@ def run(config, workdir):
   model = load_model(config.model, config.checkpoint)
   labels = labels_for(config, model.num_classes)
   schedule = model.setup.schedule
-  grid = grids.make(config.grid, schedule, config.steps, final=config.final)
+  artifact = _learned_artifact(config, model)
+  grid = artifact.grid() if artifact else grids.make(config.grid, schedule, config.steps, final=config.final)
   den = _sampling_denoiser(model, labels, config.guidance)
-  solver = solvers.get(config.solver)
+  own = artifact is not None and config.solver == artifact.solver and bool(artifact.solver_options)
+  solver = artifact.solver_object() if own else solvers.get(config.solver)
   key = jax.random.key(config.seed)
   x_T = prior(grid.sigma[0], (labels.size,) + model.shape, jax.random.fold_in(key, 0))
 
   started = time.perf_counter()
-  prepared = solver.prepare(den, schedule, grid, x_T, jax.random.fold_in(key, 2))
+  # A learned solver's options (DC ratios, USF choices) are its preparation: not searched again.
+  prepared = solver if own else solver.prepare(den, schedule, grid, x_T, jax.random.fold_in(key, 2))
   sol = solvers.sample(prepared, den, schedule, grid, x_T, key=jax.random.fold_in(key, 1))
   samples = np.asarray(jax.block_until_ready(sol.x), np.float32)
   seconds = time.perf_counter() - started
@@ -237,7 +261,9 @@ def run(config, workdir):
   resolved = dataclasses.asdict(config)
   record = {"sample": resolved, "model": {"workdir": config.model, "params": model.source, "step": model.step,
                                           "num_classes": model.num_classes, "data_shape": list(model.shape),
-                                          "train_config": model.setup.cfg}}
+                                          "train_config": model.setup.cfg, "key": model_key(model)}}
+  if artifact is not None:
+    record["learned_schedule"] = artifact.to_json()
   _write_atomic(workdir, "config.json", _json(record))
   buf = io.BytesIO()
   np.savez(buf, samples=samples, labels=labels, nfe=np.int32(nfe), solver=np.str_(config.solver),
@@ -248,6 +274,30 @@ def run(config, workdir):
   summary = {"workdir": workdir, "num_samples": int(labels.size), "nfe": nfe, "seconds": seconds,
              "finite": finite, "solver": config.solver, "grid": config.grid, "model_step": model.step}
   return dict(summary, samples=samples, labels=labels)
+
+
+def model_key(model):
+  """The model key of learned-schedule artifacts: ``<dataset>-<fingerprint of the training config>-step<step>``."""
+  from solvers import schedule_artifacts as sa
+  return f"{model.setup.cfg['data']['name']}-{sa.config_fingerprint(model.setup.cfg)}-step{model.step}"
+
+
+def _learned_artifact(config, model):
+  """The artifact of ``grid='learned:<name>'`` checked against the model's schedule (None for a builder's grid); one
+  learned for another model is used with a warning."""
+  from solvers import schedule_artifacts as sa
+  name = sa.learned_name(config.grid)
+  if name is None:
+    return None
+  artifact = sa.load(name, search_path=config.schedules_dir)
+  sa.check_compatible(artifact, schedule=model.setup.schedule, num_steps=config.steps, final=config.final)
+  if artifact.model != model_key(model):
+    logging.warning("schedule artifact %r was learned for model %r, not for this one (%r)", name, artifact.model,
+                    model_key(model))
+  if config.solver != artifact.solver:
+    logging.warning("schedule artifact %r was learned for solver %r; sampling with %r", name, artifact.solver,
+                    config.solver)
+  return artifact
 
 
 # ----------------------------------------------------------------------------------------------------

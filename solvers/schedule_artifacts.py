@@ -298,3 +298,38 @@ def load(name_or_path, search_path=None):
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
   return Artifact.from_json(data, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Artifacts named in a grid option (experiments: --grid=learned:<name>).
+
+LEARNED_PREFIX = "learned:"
+
+
+def learned_name(grid):
+  """The artifact name in a grid option ``learned:<name>``; None for any other grid name."""
+  if isinstance(grid, str) and grid.startswith(LEARNED_PREFIX):
+    name = grid[len(LEARNED_PREFIX):]
+    if not name:
+      raise ValueError(f"grid={grid!r}: name an artifact after '{LEARNED_PREFIX}' (e.g. {LEARNED_PREFIX}<name>)")
+    return name
+  return None
+
+
+def check_compatible(artifact, *, schedule=None, num_steps=None, final=None):
+  """Raises a ValueError naming what differs when ``artifact`` does not fit the given schedule (its times would
+  mean other noise levels), step count or final policy (None: not checked)."""
+  if schedule is not None and schedule_to_json(schedule) != artifact.schedule:
+    raise ValueError(f"artifact {artifact.name!r} was learned on the schedule {artifact.schedule['class']} "
+                     f"{_short(artifact.schedule['params'])}, not on this {type(schedule).__name__} "
+                     f"{_short(schedule_to_json(schedule)['params'])}: its times would mean other noise levels")
+  if num_steps is not None and int(num_steps) != artifact.num_steps:
+    raise ValueError(f"steps={num_steps} differs from the {artifact.num_steps} steps of artifact {artifact.name!r}: "
+                     "leave steps unset (the artifact's) or pick an artifact for that many steps")
+  if final is not None and final != artifact.final:
+    raise ValueError(f"final={final!r} differs from final={artifact.final!r} of artifact {artifact.name!r}: leave "
+                     "final unset (the artifact's)")
+
+
+def _short(params):
+  return {k: (f"<{len(v)} values>" if isinstance(v, list) else v) for k, v in params.items()}
