@@ -22,13 +22,15 @@ import jax.numpy as jnp
 
 from solvers import base, predictions
 
-_SERIES_BELOW = 0.1
-_SERIES_TERMS = 10
+# Below |h| = 1 the phi_k come from their Taylor series (20 terms: the first dropped one is < 1 / 20! = 4e-19);
+# the closed-form recurrence cancels there (phi_4 at h = 0.2 lost 3e-13 in float64 and 2.5e-4 in float32).
+_SERIES_BELOW = 1.0
+_SERIES_TERMS = 20
 
 
 def _series(k, z):
   """phi_k(z) = sum_n z^n / (n + k)! for small |z|."""
-  return sum(z**n / math.factorial(n + k) for n in range(_SERIES_TERMS))
+  return sum(z**n / float(math.factorial(n + k)) for n in range(_SERIES_TERMS))  # a float: 13! overflows int32 without x64
 
 
 def data_weight(k, h):

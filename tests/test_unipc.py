@@ -102,3 +102,16 @@ def test_bad_options():
     unipc.UniPC(order=4)
   with pytest.raises(ValueError, match="predictor"):
     unipc.UniPC(predictor=dpm.DPMSolverMultistep(prediction="noise"))
+
+
+def test_order_3_samples_without_x64_as_users_run_it():
+  """With x64 off (JAX's default) the order-3 tables need phi_4, whose series once divided by the Python int
+  13!, which overflows int32 there: the solver raised OverflowError. It now matches the float64 run."""
+  oracle = analytic.gmm(dim=3)
+  x = _x_T(oracle)
+  expected = _run("unipc_bh2_3", oracle, grids.uniform_logsnr(SCHEDULE, 8, final="zero"), x).x
+  with jax.enable_x64(False):
+    x32 = jnp.asarray(np.asarray(x), jnp.float32)
+    got = _run("unipc_bh2_3", oracle, grids.uniform_logsnr(SCHEDULE, 8, final="zero"), x32).x
+    assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-4)
