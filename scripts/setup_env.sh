@@ -6,7 +6,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   fi
   source "$VENV/bin/activate"
 fi
-if ! python -c "import solvers, pytest, xdist" >/dev/null 2>&1 || [ -n "${CI:-}" ]; then
+if ! python -c "import solvers, pytest, xdist, nbclient" >/dev/null 2>&1 || [ -n "${CI:-}" ]; then
   python -m pip install --quiet --upgrade pip
   python -m pip install --quiet -e ".[test]"
 fi
