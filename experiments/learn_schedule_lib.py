@@ -11,6 +11,9 @@ diffrax reference end point):
   hand-made grid best on the calibration set, the last node before sigma = 0 free);
 - ``evolution``: ``evolutionary_search.search`` (AutoDiffusion's time-step search over 1000 lambda-uniform
   candidate times, ``population`` x ``generations`` evaluations of the calibration RMSE);
+- ``hybrid``: ``learned_grids.optimize`` started from the grid ``evolution`` found (the search escapes the local
+  minima next to the hand-made grids, the gradient refines its snapped-to-candidates times); its wall time includes
+  the search's;
 - ``usf`` (a solver of its own, listed as ``usf``): ``solver_schedule_search.search`` (S^3: per-step prediction
   type, order and corrector of ``usf.USF`` with a learned predictor, ``usf_budget`` true evaluations, no analytical
   first step so that NFE = steps) on the hand-made grid best for USF's default (= UniPC bh2-2) on the calibration set.
@@ -43,7 +46,7 @@ from experiments import cli
 from experiments.convergence_lib import _as_list, _check_int, _json, _write_atomic
 
 PROBLEMS = ("gmm",)
-METHODS = ("gradient", "evolution", "usf")
+METHODS = ("gradient", "evolution", "hybrid", "usf")
 USF = "usf"  # the pseudo-solver of the 'usf' method
 DTYPES = ("float64", "float32")
 
@@ -60,7 +63,7 @@ class Config:
   final: str = "zero"                      # the grids' final-step policy
   solvers: Sequence[str] = ("dpm_solver_pp_2m", "unipc_bh2_2")
   nfe: Sequence[int] = (4, 5, 6, 8, 10)
-  methods: Sequence[str] = ("gradient", "evolution")
+  methods: Sequence[str] = ("gradient", "evolution", "hybrid")
   baselines: Sequence[str] = ("logsnr", "quadratic_t", "karras")
   num_calibration: int = 32
   num_heldout: int = 256
@@ -251,14 +254,24 @@ def run(config=None, workdir="workdir/learn_schedule"):
                   "init": result.init, "iterations": config.iterations,
                   "history_first_last": [float(result.history[0]), float(result.history[-1])]}
         learned.append(("gradient", name, result.times, record, None))
-      if name != USF and "evolution" in config.methods:
+      if name != USF and {"evolution", "hybrid"} & set(config.methods):
         search_fn = lambda t, s=solver: learned_grids.loss(s, t, problem.x_calibration, problem.reference_calibration,
                                                            problem)
         found = evolutionary_search.search(search_fn, schedule, nfe, key=jax.random.fold_in(search_key, nfe),
                                            t_start=problem.t_start, t_end=problem.t_end, final=config.final,
                                            population=config.population, generations=config.generations)
         record = dict(_losses(loss_fn, problem, found.times), seconds=found.seconds, evaluations=found.evaluations)
-        learned.append(("evolution", name, found.times, record, None))
+        if "evolution" in config.methods:
+          learned.append(("evolution", name, found.times, record, None))
+        if "hybrid" in config.methods:
+          result = learned_grids.optimize(solver, problem, nfe, init=found.times, iterations=config.iterations,
+                                          learning_rate=config.learning_rate,
+                                          learn_end=config.learn_end if config.final == "zero" else False)
+          learned.append(("hybrid", name, result.times,
+                          {"calibration": result.calibration_loss, "heldout": result.heldout_loss,
+                           "seconds": found.seconds + result.seconds, "init": "evolution",
+                           "evolution_calibration": record["calibration"], "evolution_heldout": record["heldout"]},
+                          None))
       if name == USF:
         from solvers import solver_schedule_search, usf
         grid_times = jnp.asarray(hand[best_calibration])

@@ -233,7 +233,8 @@ def times_from_logits(logits, schedule, n_times, t_start, t_end, *, learn_end=Fa
 
 def logits_from_times(times, schedule, t_start, t_end, *, learn_end=False, min_fraction=MIN_FRACTION):
   """Logits whose times (``times_from_logits``) are ``times`` (decreasing, from t_start to t_end; with
-  ``learn_end`` the slack starts at 0.1% of the lambda span, so the last node moves by that much)."""
+  ``learn_end`` to t_end or above it: the slack is the rest of the lambda span, at least 0.1% of it, so a last node
+  at t_end moves by that much)."""
   times = np.asarray(times, np.float64)
   if times.ndim != 1 or times.size < 1:
     raise ValueError(f"times must be a 1-D array, got shape {times.shape}")
@@ -246,8 +247,8 @@ def logits_from_times(times, schedule, t_start, t_end, *, learn_end=False, min_f
   lam_start, span = (float(v) for v in _lambda_span(schedule, t_start, t_end))
   lam = np.asarray(schedule.lam(jnp.asarray(times, schedules_lib.table_dtype())), np.float64)
   fractions = np.diff(lam) / span
-  if learn_end:
-    fractions = np.append(fractions * (1.0 - _INITIAL_SLACK), _INITIAL_SLACK)
+  if learn_end:  # the unused rest of the span, at least _INITIAL_SLACK (fractions are renormalised below)
+    fractions = np.append(fractions, max(1.0 - fractions.sum(), _INITIAL_SLACK))
   fractions = fractions / fractions.sum()
   shares = (fractions - min_fraction) / (1.0 - m * min_fraction)
   if np.any(shares <= 0):
@@ -258,7 +259,7 @@ def logits_from_times(times, schedule, t_start, t_end, *, learn_end=False, min_f
   return jnp.asarray(logits - logits.mean(), schedules_lib.table_dtype())
 
 
-def _initial_times(init, schedule, num_steps, t_start, t_end, final):
+def _initial_times(init, schedule, num_steps, t_start, t_end, final, learn_end=False):
   n = num_times(num_steps, final)
   if isinstance(init, str):
     if init not in INITS:
@@ -269,8 +270,10 @@ def _initial_times(init, schedule, num_steps, t_start, t_end, final):
     raise ValueError(f"init has shape {times.shape}; {num_steps} steps with final={final!r} need ({n},) times, "
                      f"or a name from {', '.join(INITS)}")
   tol = 1e-9 * max(1.0, abs(t_start))
-  if abs(times[0] - t_start) > tol or (n > 1 and abs(times[-1] - t_end) > tol) or np.any(np.diff(times) >= 0):
-    raise ValueError(f"init times must decrease strictly from t_start={t_start} to t_end={t_end}, got {times.tolist()}")
+  end_ok = n == 1 or abs(times[-1] - t_end) <= tol or (learn_end and times[-1] > t_end)
+  if abs(times[0] - t_start) > tol or not end_ok or np.any(np.diff(times) >= 0):
+    raise ValueError(f"init times must decrease strictly from t_start={t_start} to t_end={t_end} (or, with learn_end, "
+                     f"to above it), got {times.tolist()}")
   return times
 
 
@@ -374,7 +377,7 @@ def optimize(solver, problem, num_steps, *, init="logsnr", iterations=200, learn
                                                         problem.final)), *args, problem.x_calibration,
                                    problem.reference_calibration, spec)) for name in BASELINES}
     init = min(scores, key=scores.get)
-  init_times = _initial_times(init, schedule, num_steps, problem.t_start, problem.t_end, problem.final)
+  init_times = _initial_times(init, schedule, num_steps, problem.t_start, problem.t_end, problem.final, learn_end)
   initial = params = start(init_times)
 
   opt_state = optax.adam(learning_rate).init(params)

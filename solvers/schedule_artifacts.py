@@ -10,7 +10,8 @@ An ``Artifact`` records what a learned (or searched) sampling schedule is for an
 - ``nfe`` (model evaluations of one sample), ``num_steps``, ``final`` (grids' final-step policy) and ``times``
   (the decreasing grid times, without the sigma = 0 node of ``final='zero'``);
 - ``method``: how it was found (``gradient``: ``learned_grids.optimize``; ``evolution``:
-  ``evolutionary_search.search``; ``usf``: ``solver_schedule_search.search``), ``metrics`` (a dict, e.g. the
+  ``evolutionary_search.search``; ``hybrid``: the gradient started from the evolution's grid; ``usf``:
+  ``solver_schedule_search.search``), ``metrics`` (a dict, e.g. the
   calibration and held-out RMSE) and ``created`` (ISO 8601 time).
 ``artifact.grid()`` rebuilds the grid (times round-trip exactly: JSON floats are written with repr), so a reloaded
 artifact samples bit-identically to the one saved; ``artifact.solver()`` the solver with its options.
@@ -36,7 +37,7 @@ from solvers import base
 from solvers import grids as grids_lib
 from solvers import schedules as schedules_lib
 
-METHODS = ("gradient", "evolution", "usf")
+METHODS = ("gradient", "evolution", "hybrid", "usf")
 ENV_VAR = "DOS_SCHEDULES"
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "schedules")
 SUFFIX = ".json"

@@ -22,7 +22,7 @@ from solvers import schedule_artifacts as sa
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SOLVER = "dpm_solver_pp_2m"
-GMM = {"dim": 2, "solvers": [SOLVER], "nfe": [3], "methods": ["gradient", "evolution"], "num_calibration": 6,
+GMM = {"dim": 2, "solvers": [SOLVER], "nfe": [3], "methods": ["gradient", "evolution", "hybrid"], "num_calibration": 6,
        "num_heldout": 8, "iterations": 15, "learning_rate": 0.1, "population": 8, "generations": 2,
        "reference_rtol": 1e-8, "reference_atol": 1e-8}
 
@@ -64,7 +64,11 @@ def test_outputs_and_artifacts(gmm_run):
   assert set(entry["baselines"]) == {"logsnr", "quadratic_t", "karras"}
   assert entry["best_hand_made_heldout"] == min(b["heldout"] for b in entry["baselines"].values())
   names = sorted(os.listdir(os.path.join(workdir, "schedules")))
-  assert names == [f"gmm-dim2-k4-seed0-{SOLVER}-{m}-nfe3.json" for m in ("evolution", "gradient")]
+  assert names == [f"gmm-dim2-k4-seed0-{SOLVER}-{m}-nfe3.json" for m in ("evolution", "gradient", "hybrid")]
+  # The gradient from the evolution's grid: not worse on calibration (up to the 0.1% slack a grid ending exactly at
+  # t_end is given when the last node is learned).
+  hybrid = entry["methods"]["hybrid"]
+  assert hybrid["init"] == "evolution" and hybrid["calibration"] <= 1.02 * entry["methods"]["evolution"]["calibration"]
   gradient = entry["methods"]["gradient"]
   first, last = gradient["history_first_last"]
   assert gradient["calibration"] <= first and gradient["calibration"] < entry["baselines"]["logsnr"]["calibration"] + 1e-12
@@ -73,7 +77,7 @@ def test_outputs_and_artifacts(gmm_run):
 def test_artifact_reproduces_the_recorded_numbers(gmm_run):
   workdir, results = gmm_run
   from models import analytic
-  for method in ("gradient", "evolution"):
+  for method in ("gradient", "evolution", "hybrid"):
     record = results["solvers"][SOLVER]["3"]["methods"][method]
     artifact = sa.load(record["artifact"], search_path=os.path.join(workdir, "schedules"))
     assert artifact.method == method and artifact.nfe == artifact.num_steps == 3 and artifact.final == "zero"

@@ -126,6 +126,16 @@ def test_best_init_picks_the_lowest_calibration_loss(problem):
   assert result.calibration_loss == pytest.approx(scores[result.init], rel=2e-2)
 
 
+def test_array_init_with_a_free_end_is_kept(problem):
+  """An evolution-found grid (last node above t_end) is a valid start with learn_end: 0 iterations return it."""
+  init = np.array([1.0, 0.4, 0.12, 0.031])[:STEPS]
+  result = lg.optimize(SOLVER, problem, STEPS, init=init, iterations=0)
+  assert result.init == "times" and len(result.history) == 1
+  np.testing.assert_allclose(result.times, init, rtol=1e-9)
+  with pytest.raises(ValueError, match="t_end"):  # without learn_end the grid must end at t_end
+    lg.optimize(SOLVER, problem, STEPS, init=init, iterations=0, learn_end=False)
+
+
 def test_bad_input_raises(problem):
   schedule, denoiser = problem.schedule, problem.denoiser
   key = jax.random.key(0)
