@@ -79,6 +79,7 @@ _TRIES = 10  # redraws per population slot before a random schedule fills it (th
 
 
 class SearchResult(NamedTuple):
+  """What ``search`` returns: the best times, their loss, per-generation history, evaluation count and wall time."""
   times: np.ndarray   # (num_times,) the best schedule found: decreasing, distinct, times[0] = t_start
   loss: float         # its loss, as evaluated in the population's batch
   history: dict       # per generation: 'best' (best so far), 'generation_best', 'mean' (of the finite losses)
