@@ -34,3 +34,18 @@ def dataclass_config(config_class, config):
   if not isinstance(config, config_class):
     raise ValueError(f"config must be a dict or a {config_class.__name__}, got {type(config).__name__}")
   return config
+
+
+def validate_flags_with(resolve_config, flag_holders):
+  """Registers one absl validator over the flags of ``flag_holders`` ({config field: FlagHolder}): the
+  ValueError of ``resolve_config`` (naming the bad value and what is allowed) becomes a flag error."""
+  from absl import flags
+
+  def validate(values):
+    try:
+      resolve_config({field: values[holder.name] for field, holder in flag_holders.items()})
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+    return True
+
+  flags.register_multi_flags_validator([holder.name for holder in flag_holders.values()], validate)

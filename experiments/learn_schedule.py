@@ -12,6 +12,7 @@ Outputs in --workdir: config.json, results.json, table.txt, learned_schedules.pn
 """
 from absl import app, flags
 
+from experiments import cli
 from experiments import learn_schedule_lib as lib
 from solvers import grids
 
@@ -45,16 +46,7 @@ _FLAGS = {"problem": _PROBLEM, "model": _MODEL, "dim": _DIM, "solvers": _SOLVERS
           "schedules_dir": _SCHEDULES_DIR}
 
 
-def _validate(values):
-  """resolve_config's ValueError (naming the bad value) becomes an absl flag error."""
-  try:
-    lib.resolve_config({field: values[holder.name] for field, holder in _FLAGS.items()})
-  except ValueError as e:
-    raise flags.ValidationError(str(e)) from None
-  return True
-
-
-flags.register_multi_flags_validator([holder.name for holder in _FLAGS.values()], _validate)
+cli.validate_flags_with(lib.resolve_config, _FLAGS)
 
 
 def main(argv):
